@@ -1,0 +1,236 @@
+"""Find attention sites and the KV-cache writes that feed them in an FX graph.
+
+Works on Dynamo graphs (torch functions / Tensor methods) and on torch.export graphs (ATen ops).
+A site is ``scaled_dot_product_attention`` or an eager ``matmul → (scale) → (+mask) → softmax →
+matmul``; its keys and values are followed back through layout ops (GQA ``repeat_kv`` expands,
+reshapes, transposes) to the tensor the model writes into its cache:
+
+* ``cat([past, new], dim=-2)`` — DynamicCache; ``past`` is a graph input (decode) or an empty
+  constant (first forward);
+* ``index_copy_`` — StaticCache, which preallocates every position and so cannot be compressed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+class UnsupportedGraph(ValueError):
+    """kvpass found no attention site it can rewrite; the message says what it found instead."""
+
+
+SDPA_TARGETS = {
+    torch._C._nn.scaled_dot_product_attention,
+    torch.nn.functional.scaled_dot_product_attention,
+    aten.scaled_dot_product_attention.default,
+}
+SOFTMAX_TARGETS = {torch.softmax, torch.nn.functional.softmax, aten._softmax.default, aten.softmax.int}
+MATMUL_TARGETS = {torch.matmul, operator.matmul, aten.matmul.default, aten.bmm.default}
+CAT_TARGETS = {torch.cat, aten.cat.default}
+INDEX_COPY_NAMES = ("index_copy_", "index_copy")
+# Ops that only re-lay-out a tensor (GQA repeat, head split, transposes, casts): followed backwards.
+LAYOUT_METHODS = {"expand", "reshape", "view", "contiguous", "transpose", "to", "float", "clone",
+                  "repeat_interleave", "unsqueeze", "type_as"}
+LAYOUT_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.repeat_interleave,
+                    torch.unsqueeze, aten.view.default, aten.expand.default, aten.reshape.default,
+                    aten._unsafe_view.default, aten.clone.default, aten.unsqueeze.default,
+                    aten.transpose.int, aten.slice.Tensor, aten.contiguous.default,
+                    aten.repeat_interleave.self_int, aten._to_copy.default, aten.alias.default}
+# Eager attention: between the score matmul and softmax (scale, mask, cast) and after softmax.
+PRE_SOFTMAX = {operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add,
+               aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor}
+POST_SOFTMAX_METHODS = {"to", "type_as", "float"}
+POST_SOFTMAX_FUNCTIONS = {torch.nn.functional.dropout, aten.dropout.default, aten._to_copy.default,
+                          aten.clone.default}
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """One attention call and the cache write that feeds it."""
+
+    kind: str                 # "sdpa" or "eager"
+    attn: fx.Node             # node whose output is the attention result [B, H_q, T, D]
+    q: fx.Node
+    keys: fx.Node             # all candidate keys this forward attends to [B, H_kv, N, D]
+    values: fx.Node
+    key_write: fx.Node        # graph output the cache stores: ``keys`` or, for a sliding layer, its tail
+    value_write: fx.Node
+    past_keys: fx.Node | None  # graph input holding the previous store, None on a first forward
+    past_values: fx.Node | None
+    mask: fx.Node | None
+    scale: float
+    window: int = 0           # sliding-window length of the layer (0: full attention)
+    layer: int = -1
+
+    def describe(self) -> str:
+        past = "store input" if self.past_keys is not None else "empty (first forward)"
+        window = f", sliding window {self.window}" if self.window else ""
+        return f"layer {self.layer}: {self.kind} attention at '{self.attn.name}', cache={past}{window}"
+
+
+def node_value(node: fx.Node):
+    """The fake tensor/value recorded on a node (Dynamo: example_value, export: val)."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _is_layout(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in LAYOUT_METHODS
+    return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
+
+
+def trace_to_source(node: fx.Node) -> fx.Node:
+    """Follow layout ops back to the node that produced the data."""
+    while isinstance(node, fx.Node) and _is_layout(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _is_index_copy(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return any(n in str(name) for n in INDEX_COPY_NAMES)
+
+
+def _cache_parts(source: fx.Node) -> tuple[fx.Node | None, bool]:
+    """For a key/value source node: (past-store graph input or None, whether it is a cache cat)."""
+    if source.op == "call_function" and source.target in CAT_TARGETS:
+        parts = source.args[0]
+        dim = source.kwargs.get("dim", source.args[1] if len(source.args) > 1 else 0)
+        if isinstance(parts, list | tuple) and len(parts) == 2 and dim in (-2, 2):
+            past = parts[0]
+            if isinstance(past, fx.Node) and past.op == "placeholder":
+                return past, True
+            value = node_value(past) if isinstance(past, fx.Node) else None
+            if value is not None and value.numel() == 0:
+                return None, True
+    return None, False
+
+
+def _cache_write(source: fx.Node, outputs: set[fx.Node]) -> tuple[fx.Node | None, int]:
+    """The graph output through which ``source`` reaches the cache, and the layer's sliding window.
+
+    A DynamicCache layer stores ``source`` itself; a sliding-window layer stores
+    ``source[:, :, -(window - 1):]`` and attends to all of ``source``.
+    """
+    if source in outputs:
+        return source, 0
+    for user in source.users:
+        if user in outputs and user.op == "call_function" and user.target is operator.getitem:
+            index = user.args[1]
+            if isinstance(index, tuple) and len(index) >= 3 and index[:2] == (slice(None),) * 2:
+                tail = index[2]
+                if isinstance(tail, slice) and isinstance(tail.start, int) and tail.start < 0 and tail.stop is None:
+                    return user, 1 - tail.start
+    return None, 0
+
+
+def _scale_of(node: fx.Node, default: float) -> float:
+    """Constant multiplier/divisor applied to the attention logits between matmul and softmax."""
+    scale = default
+    while node.op == "call_function" and node.target in PRE_SOFTMAX:
+        a, b = node.args[0], node.args[1]
+        const = b if not isinstance(b, fx.Node) else a if not isinstance(a, fx.Node) else None
+        if const is not None and node.target in (operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar):
+            scale = float(const)
+        elif const is not None and node.target in (operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar):
+            scale = 1.0 / float(const)
+        node = a if isinstance(a, fx.Node) and a.op != "placeholder" else b
+    return scale
+
+
+def _eager_site(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node | None, float] | None:
+    """Match matmul → scale → (+mask) → softmax → (cast/dropout) → matmul; return its parts."""
+    node, mask = softmax.args[0], None
+    logits_chain = node
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in PRE_SOFTMAX:
+        if node.target in (operator.add, torch.add, aten.add.Tensor):
+            mask = node.args[1] if isinstance(node.args[1], fx.Node) else mask
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in MATMUL_TARGETS):
+        return None
+    score_mm = node
+    q, k_t = score_mm.args[0], score_mm.args[1]
+    out = softmax
+    while len(out.users) == 1:
+        (user,) = out.users
+        if user.op == "call_method" and user.target in POST_SOFTMAX_METHODS or (
+            user.op == "call_function" and user.target in POST_SOFTMAX_FUNCTIONS
+        ):
+            out = user
+            continue
+        break
+    users = [u for u in out.users if u.op == "call_function" and u.target in MATMUL_TARGETS and u.args[0] is out]
+    if len(users) != 1:
+        return None
+    pv = users[0]
+    head_dim = node_value(q).shape[-1] if node_value(q) is not None else None
+    scale = _scale_of(logits_chain, head_dim**-0.5 if head_dim else 1.0)
+    return pv, q, k_t, pv.args[1], mask, scale
+
+
+def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
+    """Every attention site that reads a DynamicCache-style cache write, in graph (= layer) order.
+
+    Raises :class:`UnsupportedGraph` naming what was found when a site cannot be rewritten.
+    """
+    output = graph.output_node()
+    outputs = set(output.all_input_nodes)
+    sites: list[AttentionSite] = []
+    found_attention = 0
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA_TARGETS:
+            q, k, v = node.args[:3]
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            head_dim = node_value(q).shape[-1]
+            scale = node.kwargs.get("scale")
+            parts = ("sdpa", node, q, k, v, mask, head_dim**-0.5 if scale is None else float(scale))
+        elif node.target in SOFTMAX_TARGETS:
+            matched = _eager_site(node)
+            if matched is None:
+                continue
+            pv, q, k_t, v, mask, scale = matched
+            parts = ("eager", pv, q, k_t, v, mask, scale)
+        else:
+            continue
+        found_attention += 1
+        kind, attn, q, k, v, mask, scale = parts
+        k_src, v_src = trace_to_source(k), trace_to_source(v)
+        for src in (k_src, v_src):
+            if _is_index_copy(src) or any(_is_index_copy(u) for u in src.users):
+                raise UnsupportedGraph(
+                    f"kvpass: attention at '{attn.name}' reads a StaticCache (in-place index_copy_ writes at "
+                    f"'{src.name}'); a StaticCache preallocates every position and cannot be compressed. "
+                    "Use the default DynamicCache: kvpass's store already has a fixed capacity."
+                )
+        past_k, k_is_cache = _cache_parts(k_src)
+        past_v, v_is_cache = _cache_parts(v_src)
+        k_write, window = _cache_write(k_src, outputs)
+        v_write, _ = _cache_write(v_src, outputs)
+        if k_write is None or v_write is None:
+            raise UnsupportedGraph(
+                f"kvpass: attention at '{attn.name}' reads keys from '{k_src.name}' and values from "
+                f"'{v_src.name}', which are not written to a KV cache (forward called with use_cache=False?); "
+                "kvpass compresses KV caches, so there is nothing to compress here"
+            )
+        if not (k_is_cache or k_src.op != "placeholder"):
+            raise UnsupportedGraph(f"kvpass: attention at '{attn.name}' reads keys straight from an input")
+        site = AttentionSite(kind, attn, q, k_src, v_src, k_write, v_write, past_k, past_v, mask, scale, window)
+        sites.append(site)
+    for i, site in enumerate(sites):  # graph order is layer order, in prefill and decode graphs alike
+        site.layer = i
+    if not sites:
+        ops = sorted({str(getattr(n.target, "__name__", n.target)) for n in graph.nodes if n.op == "call_function"})
+        raise UnsupportedGraph(
+            f"kvpass: no attention site found (looked for scaled_dot_product_attention and "
+            f"matmul-softmax-matmul reading a KV cache; {found_attention} attention call(s) seen). "
+            f"The graph calls: {ops[:40]}{' ...' if len(ops) > 40 else ''}"
+        )
+    return sites

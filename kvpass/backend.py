@@ -1,0 +1,102 @@
+"""The ``kvpass`` torch.compile backend (registered through the ``torch_dynamo_backends`` entry point)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from kvpass.analysis import UnsupportedGraph, find_attention_sites, node_value
+from kvpass.config import parse_options
+from kvpass.lowering import compile_graph
+from kvpass.passes import InsertKVEviction
+from kvpass.session import GraphRecord, session_for
+
+
+def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None) -> Callable:
+    """Rewrite ``gm`` so every attention layer keeps a fixed-capacity, policy-evicted KV store.
+
+    ``options`` are documented in the README (policy, budget/ratio/layer_budgets, compiler, fallback,
+    policy parameters). A graph with no rewritable attention site raises
+    :class:`kvpass.analysis.UnsupportedGraph`, or — only with ``fallback=True`` — warns and compiles
+    the graph uncompressed with the chosen compiler.
+    """
+    opts = parse_options(options)
+    gm = _copy(gm)  # Dynamo keeps using its own graph after the backend returns: rewrite a copy
+    try:
+        sites = find_attention_sites(gm.graph)
+    except UnsupportedGraph as err:
+        if not opts.fallback:
+            raise
+        warnings.warn(f"{err}\nkvpass: fallback=True, compiling this graph WITHOUT KV compression",
+                      stacklevel=2)
+        return compile_graph(gm, example_inputs, opts.compiler)
+    if any(site.past_keys is not None for site in sites) and not any(
+        n.op == "placeholder" and ("position_ids" in n.name or "cache_position" in n.name) for n in gm.graph.nodes
+    ):
+        raise UnsupportedGraph(
+            "kvpass: this decode step takes no position_ids input, so the model derives token positions from "
+            "the cache length — which kvpass keeps at the budget, giving RoPE wrong positions. Pass "
+            "position_ids= with the tokens' true positions (generate() does)."
+        )
+    session = session_for(opts, options)
+    n_outputs = len(gm.graph.output_node().args[0])
+    rewrite = InsertKVEviction(opts, session.prefill_budgets)
+    plans = rewrite(gm.graph, sites)
+    gm.recompile()
+    outputs = list(gm.graph.output_node().args[0])
+    key_output_index = {}
+    for plan in plans:
+        k_store = plan.state_outputs[0].args[0]  # pos_store = getitem(compacted, 2)
+        key_output_index[plan.layer] = next(
+            i for i, n in enumerate(outputs[:n_outputs]) if n.op == "call_function" and n.args == (k_store, 0)
+        )
+    state_examples = []
+    for plan in plans:
+        if plan.past_index is None:
+            continue
+        store = example_inputs[plan.past_index]
+        b, h, c, _ = store.shape
+        state_examples += [torch.zeros(b, h, c, dtype=torch.int64), torch.zeros(b, h, c),
+                           torch.zeros(b, dtype=torch.int64)]
+    _detach_outputs(gm)
+    compiled = compile_graph(gm, [*example_inputs, *state_examples], opts.compiler)
+    decode = any(p.past_index is not None for p in plans)
+    if not decode:
+        session.prefill_budgets = {p.layer: (p.budget, p.capacity) for p in plans}
+    session.graphs.append(GraphRecord("decode" if decode else "prefill", [s.describe() for s in sites],
+                                      [p.budget for p in plans], dict(rewrite.counters)))
+
+    def run(*args):
+        outs = compiled(*args, *session.state_inputs(plans, args))
+        session.update(plans, outs, n_outputs, key_output_index)
+        return outs[:n_outputs]
+
+    return run
+
+
+def _detach_outputs(gm: fx.GraphModule) -> None:
+    """KV eviction is inference: with no output requiring grad, AOTAutograd compiles an inference
+    graph even when the model's parameters require grad (the kvpass ops define no gradients)."""
+    output = gm.graph.output_node()
+    with gm.graph.inserting_before(output):
+        outs = [gm.graph.call_method("detach", (n,)) if _is_tensor(n) else n for n in output.args[0]]
+    output.args = (tuple(outs),)
+    gm.recompile()
+
+
+def _is_tensor(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    value = node_value(node)
+    return value is None or isinstance(value, torch.Tensor)  # nodes kvpass added carry no value
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)

@@ -1,0 +1,48 @@
+"""KV-eviction policies, one file each; ``POLICIES`` maps option names to classes."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+from kvpass.policies.base import Policy
+from kvpass.policies.h2o import H2O
+from kvpass.policies.knorm import Knorm
+from kvpass.policies.pyramidkv import PyramidKV
+from kvpass.policies.snapkv import SnapKV
+from kvpass.policies.streaming_llm import StreamingLLM
+from kvpass.policies.tova import TOVA
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, Knorm)
+}
+
+
+def make_policy(name: str, **params: Any) -> Policy:
+    """Build policy ``name`` with its options; a parameter the policy does not take is an error."""
+    if name not in POLICIES:
+        raise ValueError(f"kvpass: unknown policy {name!r}; valid policies are {sorted(POLICIES)}")
+    cls = POLICIES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in params.items():
+        if key not in fields:
+            raise ValueError(
+                f"kvpass: policy {name!r} takes no option {key!r} (got {value!r}); "
+                f"its options are {sorted(fields) or 'none'}"
+            )
+        if key == "pooling":
+            continue
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"kvpass: option {key!r} of policy {name!r} must be an int >= 0, got {value!r}")
+    return cls(**params)
+
+
+@functools.lru_cache(maxsize=64)
+def policy_from_spec(spec: str) -> Policy:
+    fields = json.loads(spec)
+    return make_policy(fields.pop("name"), **fields)
+
+
+__all__ = ["POLICIES", "Policy", "make_policy", "policy_from_spec", *(c.__name__ for c in POLICIES.values())]

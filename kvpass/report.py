@@ -1,0 +1,65 @@
+"""What kvpass did: rewritten sites, per-layer budgets, and the KV bytes a cache holds now."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kvpass.session import Session, find_session, last_session
+
+
+@dataclasses.dataclass
+class Explanation:
+    policy: str
+    graphs: list[dict[str, Any]]
+    forwards: int
+    adopted_caches: int
+
+    def __str__(self) -> str:
+        lines = [f"kvpass policy {self.policy}: {len(self.graphs)} graph(s) compiled, {self.forwards} forward(s) run"]
+        for i, g in enumerate(self.graphs):
+            lines.append(f"  graph {i} ({g['kind']}): {len(g['sites'])} attention site(s) rewritten, "
+                         f"counters {g['counters']}")
+            for site, budget in zip(g["sites"], g["budgets"], strict=True):
+                lines.append(f"    {site}, budget {budget}")
+        if self.adopted_caches:
+            lines.append(f"  {self.adopted_caches} store(s) adopted from caches kvpass did not fill")
+        return "\n".join(lines)
+
+
+def explain(session: Session | None = None) -> Explanation:
+    """Report of the most recently compiled kvpass session (or ``session``)."""
+    session = session or last_session()
+    if session is None:
+        raise RuntimeError("kvpass.explain: nothing compiled with backend='kvpass' has run yet")
+    graphs = [dataclasses.asdict(g) for g in session.graphs]
+    return Explanation(session.options.policy.spec(), graphs, session.forwards, session.adopted_caches)
+
+
+@dataclasses.dataclass
+class LayerStats:
+    layer: int
+    slots: int              # store capacity (sequence length of the cached tensors)
+    real_tokens: int | None  # slots holding real tokens, summed over batch and kv-heads (None: not a kvpass store)
+    kv_bytes: int            # bytes of keys + values held now
+
+    def __str__(self) -> str:
+        return f"layer {self.layer}: {self.slots} slots, {self.kv_bytes} bytes, real tokens {self.real_tokens}"
+
+
+def kv_stats(cache: Any) -> list[LayerStats]:
+    """KV bytes held now, per layer, by a Hugging Face ``Cache`` (e.g. ``generate(...).past_key_values``)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"kvpass.kv_stats expects a transformers Cache with .layers, got {type(cache).__name__}")
+    stats = []
+    for i, layer in enumerate(layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or keys.numel() == 0:
+            stats.append(LayerStats(i, 0, 0, 0))
+            continue
+        found = find_session(keys)
+        real = found[0].real_tokens(found[1], keys) if found else None
+        nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        stats.append(LayerStats(i, keys.shape[-2], real, nbytes))
+    return stats

@@ -1,0 +1,32 @@
+import pytest
+import torch
+import transformers
+
+
+def tiny_config(arch: str = "llama", attn: str = "sdpa", layers: int = 2, **overrides):
+    """A tiny random-weight HF decoder config (GQA: 4 query heads, 2 kv heads)."""
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }
+    config_cls, model_cls = classes[arch]
+    cfg = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     attn_implementation=attn, **overrides)
+    return cfg, model_cls
+
+
+def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg, model_cls = tiny_config(arch, attn, **overrides)
+    return model_cls(cfg).eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Dynamo caches compiled frames per code object: without a reset, tests compiling the same HF
+    # forward with other options would hit its recompile limit and silently run eager.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,52 @@
+"""Option validation: every bad value is rejected with a message quoting it and listing what is valid."""
+
+import pytest
+
+from kvpass.config import parse_options
+from kvpass.policies import POLICIES
+
+
+@pytest.mark.parametrize(
+    "options, quoted",
+    [
+        ({"policy": "snapkv", "budget": 8, "bogus": 1}, "'bogus'"),
+        ({"policy": "nope", "budget": 8}, "'nope'"),
+        ({"policy": "snapkv", "budget": 0}, "0"),
+        ({"policy": "snapkv", "budget": -3}, "-3"),
+        ({"policy": "snapkv", "budget": "many"}, "'many'"),
+        ({"policy": "snapkv", "budget": 2.5}, "2.5"),
+        ({"policy": "snapkv", "budget": True}, "True"),
+        ({"policy": "snapkv", "ratio": 1.5}, "1.5"),
+        ({"policy": "snapkv", "ratio": 0}, "0"),
+        ({"policy": "snapkv", "budget": 8, "ratio": 0.5}, "budget"),
+        ({"policy": "snapkv"}, "no budget"),
+        ({"policy": "snapkv", "budget": 8, "compiler": "tvm"}, "'tvm'"),
+        ({"policy": "snapkv", "budget": 8, "fallback": "yes"}, "'yes'"),
+        ({"policy": "streaming_llm", "budget": 8, "window": 4}, "'window'"),
+        ({"policy": "snapkv", "budget": 8, "window": 0}, "0"),
+        ({"policy": "snapkv", "budget": 8, "pooling": "median"}, "'median'"),
+        ({"policy": "snapkv", "layer_budgets": [4, 0]}, "0"),
+        ({"policy": "snapkv", "layer_budgets": "4,4"}, "'4,4'"),
+    ],
+)
+def test_bad_options_are_rejected_with_the_value_quoted(options, quoted):
+    with pytest.raises(ValueError) as err:
+        parse_options(options)
+    assert quoted in str(err.value)
+
+
+def test_unknown_policy_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid policies") as err:
+        parse_options({"policy": "h3o", "budget": 4})
+    for name in POLICIES:
+        assert name in str(err.value)
+
+
+def test_budget_ratio_and_layer_budgets():
+    assert parse_options({"policy": "h2o", "budget": 16}).budget_for(3, 30, 1000) == 16
+    assert parse_options({"policy": "h2o", "ratio": 0.25}).budget_for(0, 30, 1000) == 250
+    opts = parse_options({"policy": "snapkv", "layer_budgets": [4, 8]})
+    assert [opts.budget_for(i, 2, 100) for i in range(2)] == [4, 8]
+    with pytest.raises(ValueError, match="2 entries but the model has 3"):
+        opts.budget_for(0, 3, 100)
+    assert parse_options({"policy": "snapkv", "budget": 8, "window": 4}).policy.window == 4

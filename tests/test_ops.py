@@ -1,0 +1,124 @@
+"""kvpass::* ops: opcheck, and the references against plain SDPA / hand-computed results."""
+
+import pytest
+import torch
+
+from kvpass import ops
+from kvpass.policies import H2O, Knorm, SnapKV
+
+B, HQ, HKV, D = 2, 4, 2, 8
+
+
+def _prefill_meta(valid):
+    b, t = valid.shape
+    return ops.extend_meta(torch.zeros(b, HKV, 0, dtype=torch.int64), torch.zeros(b, HKV, 0),
+                           torch.zeros(b, dtype=torch.int64), valid)
+
+
+def _rand(t, n):
+    return torch.randn(B, HQ, t, D), torch.randn(B, HKV, n, D), torch.randn(B, HKV, n, D)
+
+
+def test_extend_meta_positions_skip_left_padding():
+    valid = torch.ones(B, 6, dtype=torch.bool)
+    valid[0, :2] = False
+    pos, acc, seen = _prefill_meta(valid)
+    assert pos[0, 0].tolist() == [-1, -1, 0, 1, 2, 3]
+    assert pos[1, 1].tolist() == [0, 1, 2, 3, 4, 5]
+    assert seen.tolist() == [4, 6] and acc.shape == (B, HKV, 6)
+    pos2, _, seen2 = ops.extend_meta(pos, acc, seen, torch.ones(B, 1, dtype=torch.bool))
+    assert pos2[:, :, -1].tolist() == [[4, 4], [6, 6]] and seen2.tolist() == [5, 7]
+
+
+@pytest.mark.parametrize("policy", [SnapKV(window=3), H2O(), Knorm()])
+def test_attend_matches_causal_sdpa(policy):
+    q, k, v = _rand(10, 10)
+    pos, _, _ = _prefill_meta(torch.ones(B, 10, dtype=torch.bool))
+    out, obs = ops.attend(q, k, v, pos, D**-0.5, policy.spec(), 0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if policy.needs_obs:
+        n_obs = policy.n_obs(10)
+        # each observed query's weights sum to one
+        torch.testing.assert_close(obs.sum(-1), torch.full((B, HQ), float(n_obs)))
+        logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * D**-0.5
+        logits = logits.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(obs, logits.softmax(-1)[:, :, 10 - n_obs :].sum(2), atol=1e-5, rtol=1e-5)
+    else:
+        assert obs.shape == (B, HQ, 0)
+
+
+def test_attend_masks_empty_slots_and_sees_store():
+    # store of 5 slots (2 empty) then 3 new tokens: equal to SDPA over the 3 real store slots + new
+    q, k, v = _rand(3, 8)
+    pos = torch.tensor([0, 1, -1, 2, -1, 3, 4, 5]).expand(B, HKV, 8).contiguous()
+    out, _ = ops.attend(q, k, v, pos, D**-0.5, Knorm().spec(), 0)
+    keep = torch.tensor([0, 1, 3, 5, 6, 7])
+    causal = torch.ones(3, 6, dtype=torch.bool).tril(3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, keep], v[:, :, keep], attn_mask=causal,
+                                                           enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attend_sliding_window():
+    q, k, v = _rand(6, 6)
+    pos, _, _ = _prefill_meta(torch.ones(B, 6, dtype=torch.bool))
+    out, _ = ops.attend(q, k, v, pos, D**-0.5, Knorm().spec(), 3)
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    mask = (j <= i) & (i - j < 3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attend_long_prompt_chunks_agree():
+    # more queries than one reference chunk, with every query observed (H2O)
+    t = ops._QUERY_CHUNK + 37
+    q, k, v = (torch.randn(1, 2, t, 4), torch.randn(1, 1, t, 4), torch.randn(1, 1, t, 4))
+    pos = torch.arange(t).expand(1, 1, t).contiguous()
+    out, obs = ops.attend(q, k, v, pos, 0.5, H2O().spec(), 0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(obs.sum(-1), torch.full((1, 2), float(t)), rtol=1e-4, atol=1e-3)
+
+
+def test_compact_keeps_top_budget_in_position_order_and_pads():
+    k = torch.arange(6.0).view(1, 1, 6, 1).expand(1, 1, 6, 3).contiguous()
+    pos = torch.tensor([[[-1, 0, 1, 2, 3, 4]]])
+    keep = torch.tensor([[[9.0, 5.0, 1.0, 7.0, 3.0, 8.0]]])
+    k2, v2, pos2, acc2 = ops.compact(k, k.clone(), pos, keep, keep.clone(), 3, 5, 0)
+    assert pos2.tolist() == [[[0, 2, 4, -1, -1]]]  # padding slot (score 9) never kept
+    assert k2[0, 0, :, 0].tolist() == [1.0, 3.0, 5.0, 0.0, 0.0]
+    assert acc2[0, 0, :3].tolist() == [5.0, 7.0, 8.0]
+    # fewer real tokens than the budget: all real ones kept, the rest empty
+    k3, _, pos3, _ = ops.compact(k, k.clone(), pos, keep, keep, 8, 8, 0)
+    assert sorted(p for p in pos3.flatten().tolist() if p >= 0) == [0, 1, 2, 3, 4]
+    assert (pos3 == -1).sum() == 3 and (k3[pos3 == -1] == 0).all()
+
+
+def test_compact_drops_tokens_outside_sliding_window():
+    k = torch.randn(1, 1, 6, 2)
+    pos = torch.arange(6).view(1, 1, 6)
+    _, _, kept, _ = ops.compact(k, k.clone(), pos, torch.zeros(1, 1, 6), torch.zeros(1, 1, 6), 6, 6, 3)
+    # HF keeps the newest window - 1 tokens; the others leave the store
+    assert sorted(p for p in kept.flatten().tolist() if p >= 0) == [4, 5] and (kept == -1).sum() == 4
+
+
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        (torch.ops.kvpass.extend_meta.default,
+         lambda: (torch.zeros(B, HKV, 3, dtype=torch.int64), torch.zeros(B, HKV, 3),
+                  torch.full((B,), 3, dtype=torch.int64), torch.ones(B, 2, dtype=torch.bool))),
+        (torch.ops.kvpass.attend.default,
+         lambda: (*_rand(4, 6), torch.arange(6).expand(B, HKV, 6).contiguous(), 0.3, SnapKV(window=2).spec(), 0)),
+        (torch.ops.kvpass.score.default,
+         lambda: (H2O(recent=2).spec(), torch.rand(B, HQ, 6), torch.randn(B, HKV, 6, D),
+                  torch.arange(6).expand(B, HKV, 6).contiguous(), torch.rand(B, HKV, 6), 1, 4)),
+        (torch.ops.kvpass.compact.default,
+         lambda: (torch.randn(B, HKV, 6, D), torch.randn(B, HKV, 6, D), torch.arange(6).expand(B, HKV, 6).contiguous(),
+                  torch.rand(B, HKV, 6), torch.rand(B, HKV, 6), 4, 5, 0)),
+    ],
+    ids=["extend_meta", "attend", "score", "compact"],
+)
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args(), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
