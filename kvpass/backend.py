@@ -63,8 +63,8 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
         state_examples += [torch.zeros(b, h, c, dtype=torch.int64), torch.zeros(b, h, c),
                            torch.zeros(b, dtype=torch.int64)]
     _detach_outputs(gm)
-    compiled = compile_graph(gm, [*example_inputs, *state_examples], opts.compiler)
     decode = any(p.past_index is not None for p in plans)
+    compiled = compile_graph(gm, [*example_inputs, *state_examples], opts.compiler, inline_ops=decode)
     if not decode:
         session.prefill_budgets = {p.layer: (p.budget, p.capacity) for p in plans}
     session.graphs.append(GraphRecord("decode" if decode else "prefill", [s.describe() for s in sites],

@@ -22,8 +22,7 @@ from kvpass.policies import policy_from_spec
 _QUERY_CHUNK = 512
 
 
-@torch.library.custom_op("kvpass::extend_meta", mutates_args=())
-def extend_meta(pos: Tensor, acc: Tensor, seen: Tensor, new_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def extend_meta_reference(pos: Tensor, acc: Tensor, seen: Tensor, new_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Append ``T`` new tokens to the store's metadata.
 
     pos/acc: ``[B, H_kv, C]``; seen: ``[B]`` int64, real tokens consumed so far; new_valid: ``[B, T]``
@@ -38,6 +37,9 @@ def extend_meta(pos: Tensor, acc: Tensor, seen: Tensor, new_valid: Tensor) -> tu
     pos_all = torch.cat([pos, new_pos[:, None, :].expand(b, h, t)], dim=2)
     acc_all = torch.cat([acc, acc.new_zeros(b, h, t)], dim=2)
     return pos_all, acc_all, seen + valid.sum(dim=1)
+
+
+extend_meta = torch.library.custom_op("kvpass::extend_meta", mutates_args=())(extend_meta_reference)
 
 
 @extend_meta.register_fake
@@ -66,8 +68,7 @@ def attention_mask(pos: Tensor, n_new: int, rows: slice, window: int = 0) -> Ten
     return allowed | (own & ~allowed.any(dim=-1, keepdim=True))
 
 
-@torch.library.custom_op("kvpass::attend", mutates_args=())
-def attend(
+def attend_reference(
     q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, policy: str, window: int
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``T`` new queries over ``N`` candidate slots, plus the weights policies score with.
@@ -82,36 +83,42 @@ def attend(
     n_obs = rule.n_obs(t) if rule.needs_obs else 0
     hkv, n = k.shape[1], k.shape[2]
     group = hq // hkv
-    out = torch.empty_like(q)
-    obs = torch.zeros(b, hq, n if n_obs > 0 else 0, dtype=torch.float32, device=q.device)
+    # GQA without copying K/V: query heads j*group..(j+1)*group-1 share kv head j (HF's repeat_kv order),
+    # so fold each group into the query axis: [B, H_kv, group * rows, D] against [B, H_kv, N, D].
+    qg = q.view(b, hkv, group, t, d)
+    chunks = []
+    obs = torch.zeros(b, hkv, group, n if n_obs > 0 else 0, dtype=torch.float32, device=q.device)
     first_obs = t - n_obs
-    for start in range(0, t, _QUERY_CHUNK):
-        rows = slice(start, min(start + _QUERY_CHUNK, t))
-        mask = attention_mask(pos, t, rows, window).repeat_interleave(group, dim=1)
-        qc = q[:, :, rows]
+    # chunks never straddle first_obs: only observed queries take the explicit-weights path
+    bounds = [*range(0, first_obs, _QUERY_CHUNK), *range(first_obs, t, _QUERY_CHUNK), t]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):  # functional: also serves as a decomposition
+        rows = slice(start, stop)
+        r = rows.stop - rows.start
+        mask = attention_mask(pos, t, rows, window)[:, :, None].expand(b, hkv, group, r, n).reshape(b, hkv, -1, n)
+        qc = qg[:, :, :, rows].reshape(b, hkv, group * r, d)
         if rows.stop <= first_obs:
-            out[:, :, rows] = torch.nn.functional.scaled_dot_product_attention(
-                qc, k, v, attn_mask=mask, scale=scale, enable_gqa=True
-            )
-            continue
-        kr = k.repeat_interleave(group, dim=1)
-        vr = v.repeat_interleave(group, dim=1)
-        logits = (qc.float() @ kr.float().transpose(-1, -2)) * scale
-        weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        out[:, :, rows] = (weights.to(v.dtype) @ vr).to(q.dtype)
-        obs += weights[:, :, max(first_obs - start, 0) :].sum(dim=2)
-    return out, obs
+            chunk = torch.nn.functional.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale)
+        else:
+            logits = (qc.float() @ k.float().transpose(-1, -2)) * scale
+            weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            chunk = (weights.to(v.dtype) @ v).to(q.dtype)
+            obs = obs + weights.view(b, hkv, group, r, n)[:, :, :, max(first_obs - start, 0) :].sum(dim=3)
+        chunks.append(chunk.view(b, hkv, group, r, -1))
+    out = torch.cat(chunks, dim=3) if len(chunks) > 1 else chunks[0]
+    return out.reshape(b, hq, t, d), obs.view(b, hq, -1)
+
+
+attend = torch.library.custom_op("kvpass::attend", mutates_args=())(attend_reference)
 
 
 @attend.register_fake
 def _(q, k, v, pos, scale, policy, window):
     b, hq = q.shape[:2]
     n = k.shape[2] if policy_from_spec(policy).needs_obs else 0
-    return torch.empty_like(q), q.new_empty(b, hq, n, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(b, hq, n, dtype=torch.float32)  # contiguous, like the reference
 
 
-@torch.library.custom_op("kvpass::score", mutates_args=())
-def score(
+def score_reference(
     policy: str, obs: Tensor, k: Tensor, pos: Tensor, acc: Tensor, n_new: int, budget: int
 ) -> tuple[Tensor, Tensor]:
     """Run the policy given by its JSON ``policy`` spec; returns ``(keep, acc)`` ``[B, H_kv, N]`` float32."""
@@ -120,21 +127,30 @@ def score(
     return keep.float().clone(), acc_out.float().clone()
 
 
+score = torch.library.custom_op("kvpass::score", mutates_args=())(score_reference)
+
+
 @score.register_fake
 def _(policy, obs, k, pos, acc, n_new, budget):
     shape = pos.shape
     return pos.new_empty(shape, dtype=torch.float32), pos.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("kvpass::compact", mutates_args=())
-def compact(
+def gather_slots(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[b, h, idx[b, h, i], :]`` as whole-row copies (``gather`` with an expanded index is ~10x slower)."""
+    b, h, n, d = x.shape
+    flat = (idx + torch.arange(b * h, device=x.device).view(b, h, 1) * n).reshape(-1)
+    return x.reshape(b * h * n, d).index_select(0, flat).view(b, h, -1, d)
+
+
+def compact_reference(
     k: Tensor, v: Tensor, pos: Tensor, keep: Tensor, acc: Tensor, budget: int, capacity: int, window: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Keep the ``budget`` highest-``keep`` slots of each (batch, kv-head), in position order.
 
     Padding/empty slots (``pos < 0``) rank below every real token. The result always has
     ``capacity >= budget`` slots (static shapes for the next forward): slots beyond the kept tokens,
-    or beyond the real tokens available, are empty (``pos = -1``, zero K/V). With a sliding
+    or beyond the real tokens available, are empty (``pos = -1``; their K/V are never attended). With a sliding
     ``window``, tokens no future query can see (``window - 1`` or more behind the newest) are dropped.
     """
     n = k.shape[2]
@@ -143,19 +159,20 @@ def compact(
         dead = dead | (pos <= pos.amax(dim=-1, keepdim=True) - (window - 1))
     rank = keep.masked_fill(dead, float("-inf"))
     n_keep = min(budget, n)
-    idx = rank.topk(n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
-    kept_pos = pos.gather(2, idx).masked_fill(rank.gather(2, idx) == float("-inf"), -1)
-    gather_idx = idx[..., None].expand(-1, -1, -1, k.shape[-1])
-    k_out, v_out, acc_out = k.gather(2, gather_idx), v.gather(2, gather_idx), acc.gather(2, idx)
+    # a full sort beats topk when nearly everything is kept (decode evicts one slot per step)
+    idx = rank.sort(dim=-1, descending=True, stable=True).indices[..., :n_keep].sort(dim=-1).values
+    kept_pos = pos.gather(2, idx).masked_fill(dead.gather(2, idx), -1)
+    k_out, v_out, acc_out = gather_slots(k, idx), gather_slots(v, idx), acc.gather(2, idx)
     pad = capacity - n_keep
-    if pad > 0:
+    if pad > 0:  # empty slots: never attended (pos = -1), so their K/V content is irrelevant
         k_out = torch.nn.functional.pad(k_out, (0, 0, 0, pad))
         v_out = torch.nn.functional.pad(v_out, (0, 0, 0, pad))
         kept_pos = torch.nn.functional.pad(kept_pos, (0, pad), value=-1)
         acc_out = torch.nn.functional.pad(acc_out, (0, pad))
-    k_out = k_out.masked_fill((kept_pos < 0)[..., None], 0)
-    v_out = v_out.masked_fill((kept_pos < 0)[..., None], 0)
     return k_out, v_out, kept_pos, acc_out
+
+
+compact = torch.library.custom_op("kvpass::compact", mutates_args=())(compact_reference)
 
 
 @compact.register_fake
@@ -163,3 +180,13 @@ def _(k, v, pos, keep, acc, budget, capacity, window):
     b, h, _, d = k.shape
     return (k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, v.shape[-1]),
             pos.new_empty(b, h, capacity), acc.new_empty(b, h, capacity))
+
+
+# op overload → its pure-torch reference; lowering passes these to AOTAutograd as decompositions so
+# Inductor compiles (and fuses) the reference code instead of calling the opaque op.
+REFERENCES = {
+    torch.ops.kvpass.extend_meta.default: extend_meta_reference,
+    torch.ops.kvpass.attend.default: attend_reference,
+    torch.ops.kvpass.score.default: score_reference,
+    torch.ops.kvpass.compact.default: compact_reference,
+}

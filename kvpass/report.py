@@ -20,11 +20,25 @@ class Explanation:
         for i, g in enumerate(self.graphs):
             lines.append(f"  graph {i} ({g['kind']}): {len(g['sites'])} attention site(s) rewritten, "
                          f"counters {g['counters']}")
-            for site, budget in zip(g["sites"], g["budgets"], strict=True):
-                lines.append(f"    {site}, budget {budget}")
+            lines += [f"    {line}" for line in _group_layers(g["sites"], g["budgets"])]
         if self.adopted_caches:
             lines.append(f"  {self.adopted_caches} store(s) adopted from caches kvpass did not fill")
         return "\n".join(lines)
+
+
+def _group_layers(sites: list[str], budgets: list[int]) -> list[str]:
+    """One line per run of consecutive layers that differ only in their node names."""
+    lines, run = [], []
+    for i, (site, budget) in enumerate(zip(sites, budgets, strict=True)):
+        kind = site.split(": ", 1)[1].split(" at ")[0] + site.split("'", 2)[2] + f", budget {budget}"
+        if run and run[-1][1] == kind:
+            run[-1] = (run[-1][0], kind, i)
+        else:
+            run.append((i, kind, i))
+    for first, kind, last in run:
+        layers = f"layer {first}" if first == last else f"layers {first}-{last}"
+        lines.append(f"{layers}: {kind}")
+    return lines
 
 
 def explain(session: Session | None = None) -> Explanation:

@@ -1,7 +1,10 @@
 """Lower a rewritten graph for the device it runs on.
 
-On CPU the ``kvpass::*`` ops run their pure-torch references inside the graph compiled by the chosen
-compiler (Inductor by default; ``aot_eager`` compiles in seconds and is what most tests use).
+On CPU the ``kvpass::*`` ops run their pure-torch references. With Inductor, graphs whose shapes are
+small per step (decode) get the references *inlined* as AOTAutograd decompositions, so Inductor
+fuses the masking, scoring and compaction with the surrounding code instead of calling opaque ops
+(dozens of tiny eager kernels per layer); prefill graphs keep the opaque ops, whose references chunk
+the queries to bound memory. ``aot_eager`` compiles in seconds and is what most tests use.
 """
 
 from __future__ import annotations
@@ -10,22 +13,27 @@ from collections.abc import Callable, Sequence
 
 import torch.fx as fx
 
+from kvpass.ops import REFERENCES
 
-def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, compiler: str) -> Callable:
-    """Compile ``gm`` with ``compiler`` ('inductor', 'aot_eager' or 'eager'); call the result as ``fn(*args)``."""
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, compiler: str, inline_ops: bool = False) -> Callable:
+    """Compile ``gm`` with ``compiler`` ('inductor', 'aot_eager' or 'eager'); call the result as ``fn(*args)``.
+
+    ``inline_ops``: let Inductor compile the kvpass ops' references rather than call the ops.
+    """
     if compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
 
-        compiled = compile_fx(gm, list(example_inputs))
-    elif compiler == "aot_eager":
+        decompositions = {**select_decomp_table(), **REFERENCES} if inline_ops else None
+        return compile_fx(gm, list(example_inputs), decompositions=decompositions)
+    if compiler == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 
-        compiled = aot_eager(gm, list(example_inputs))
-    elif compiler == "eager":
-        compiled = gm.forward
-    else:
-        raise ValueError(f"kvpass: unknown compiler {compiler!r}; valid: 'inductor', 'aot_eager', 'eager'")
-    return compiled
+        return aot_eager(gm, list(example_inputs))
+    if compiler == "eager":
+        return gm.forward
+    raise ValueError(f"kvpass: unknown compiler {compiler!r}; valid: 'inductor', 'aot_eager', 'eager'")
 
 
 __all__ = ["compile_graph"]

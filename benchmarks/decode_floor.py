@@ -1,0 +1,166 @@
+"""Decode cost, KV bytes and peak memory: full cache vs kvpass at fixed budgets.
+
+Each row runs in a fresh process (clean peak RSS, no shared compile caches):
+
+    python benchmarks/decode_floor.py                 # the default grid (SmolLM2-135M and a tiny decoder)
+    python benchmarks/decode_floor.py --model tiny --contexts 1024,16384 --budgets 1024
+
+Rows per (model, context): the full cache in eager HF, and kvpass (Inductor) at each budget; per model
+also plain Inductor with the full cache at each budget's length (the compiled floor: a step over as
+many tokens as kvpass keeps). Decode time is the median over ``--steps`` greedy steps after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+
+def _positive_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def load_model(name: str):
+    if name == "tiny":  # random weights: mechanics and speed only, never accuracy
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32768,
+                                       attn_implementation="sdpa")
+        return transformers.LlamaForCausalLM(cfg).eval()
+    from kvpass.models import load
+
+    return load(name)[0]
+
+
+def kv_bytes(cache: DynamicCache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def run_row(row: dict) -> dict:
+    """Prefill ``context`` tokens then ``steps`` decode steps; twice when compiled (the first compiles)."""
+    torch.set_num_threads(row["threads"])
+    model = load_model(row["model"])
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    forward = model.forward
+    if row["mode"] == "kvpass":
+        forward = torch.compile(model.forward, backend="kvpass",
+                                options={"policy": row["policy"], "budget": row["budget"], "compiler": "inductor"})
+    elif row["mode"] == "inductor":
+        forward = torch.compile(model.forward, backend="inductor")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, row["context"]), generator=g)
+
+    def once(steps: int) -> tuple[float, list[float], DynamicCache, float]:
+        cache = DynamicCache(config=model.config)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = forward(input_ids=ids, past_key_values=cache, position_ids=torch.arange(row["context"])[None],
+                             use_cache=True, logits_to_keep=1).logits
+            prefill = time.perf_counter() - start
+            times = []
+            for step in range(steps):
+                token = logits[:, -1:].argmax(-1)
+                t0 = time.perf_counter()
+                logits = forward(input_ids=token, past_key_values=cache,
+                                 position_ids=torch.tensor([[row["context"] + step]]), use_cache=True).logits
+                times.append(time.perf_counter() - t0)
+        return prefill, times, cache, time.perf_counter() - start
+
+    first_call = None
+    if row["mode"] != "eager":
+        t0 = time.perf_counter()
+        once(3)  # compiles the prefill and decode graphs
+        first_call = time.perf_counter() - t0
+    prefill, times, cache, _ = once(row["steps"])
+    return {
+        **row,
+        "prefill_s": prefill,
+        "decode_ms": statistics.median(times) * 1000,
+        "kv_bytes": kv_bytes(cache),
+        "kv_slots_layer0": cache.layers[0].keys.shape[-2],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_load_bytes": rss_loaded,
+        "warmup_with_compile_s": first_call,
+    }
+
+
+def grid(args) -> list[dict]:
+    rows = []
+    for model in args.models:
+        contexts = args.contexts or ([1024, 4096, 8192] if model != "tiny" else [1024, 4096, 16384])
+        base = {"model": model, "steps": args.steps, "threads": args.threads, "policy": args.policy}
+        for budget in args.budgets:
+            rows.append({**base, "mode": "inductor", "context": budget, "budget": None})
+        for context in contexts:
+            rows.append({**base, "mode": "eager", "context": context, "budget": None})
+            for budget in args.budgets:
+                if budget < context:
+                    rows.append({**base, "mode": "kvpass", "context": context, "budget": budget})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=lambda s: s.split(","), default=["smollm2-135m", "tiny"],
+                   help="comma-separated: smollm2-135m, gemma3-270m, tiny (default: %(default)s)")
+    p.add_argument("--contexts", type=_positive_list, default=None, help="prompt lengths (default per model)")
+    p.add_argument("--budgets", type=_positive_list, default=[1024], help="kvpass budgets (default: %(default)s)")
+    p.add_argument("--policy", default="snapkv", help="kvpass policy (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("results/decode_floor.json"), help="JSON output")
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    args = p.parse_args(argv)
+    if args.row:
+        print(json.dumps(run_row(json.loads(args.row))))
+        return 0
+    from kvpass.policies import POLICIES
+
+    if args.policy not in POLICIES:
+        p.error(f"unknown policy {args.policy!r}; valid: {sorted(POLICIES)}")
+    for m in args.models:
+        if m not in ("smollm2-135m", "gemma3-270m", "tiny"):
+            p.error(f"unknown model {m!r}; valid: smollm2-135m, gemma3-270m, tiny")
+    results = []
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # honest compile times
+    for row in grid(args):
+        proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(row)], capture_output=True, text=True,
+                              env=env)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"row {row} failed")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(f"{result['model']:<13} {result['mode']:<8} ctx {result['context']:>6} budget {str(result['budget']):>5}"
+              f"  decode {result['decode_ms']:7.1f} ms/tok  prefill {result['prefill_s']:6.2f} s"
+              f"  KV {result['kv_bytes'] / 2**20:7.1f} MiB  peak RSS {result['peak_rss_bytes'] / 2**20:6.0f} MiB"
+              + (f"  warm-up+compile {result['warmup_with_compile_s']:.0f} s" if result["warmup_with_compile_s"] else ""),
+              flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}", "load_avg_end": os.getloadavg()}
+    args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
