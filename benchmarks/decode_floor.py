@@ -149,11 +149,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"row {row} failed")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(result)
+        compile_s = result["warmup_with_compile_s"]
         print(f"{result['model']:<13} {result['mode']:<8} ctx {result['context']:>6} budget {str(result['budget']):>5}"
               f"  decode {result['decode_ms']:7.1f} ms/tok  prefill {result['prefill_s']:6.2f} s"
               f"  KV {result['kv_bytes'] / 2**20:7.1f} MiB  peak RSS {result['peak_rss_bytes'] / 2**20:6.0f} MiB"
-              + (f"  warm-up+compile {result['warmup_with_compile_s']:.0f} s" if result["warmup_with_compile_s"] else ""),
-              flush=True)
+              + (f"  warm-up+compile {compile_s:.0f} s" if compile_s else ""), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}", "load_avg_end": os.getloadavg()}

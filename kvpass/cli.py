@@ -30,10 +30,10 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
         description="Hide a pass key in the Paul Graham essays, then answer with the full KV cache (eager HF) "
         "and with kvpass (compiled, compressed); print answers, KV bytes and speed side by side.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="shipped model (default: %(default)s)")
-    p.add_argument("--policy", default="snapkv", choices=sorted(POLICIES), help="eviction policy (default: %(default)s)")
-    p.add_argument("--budget", type=_positive, default=512, help="KV slots kept per layer (default: %(default)s)")
-    p.add_argument("--context", type=_positive, default=2048, help="prompt length in tokens (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="shipped model (%(default)s)")
+    p.add_argument("--policy", default="snapkv", choices=sorted(POLICIES), help="eviction policy (%(default)s)")
+    p.add_argument("--budget", type=_positive, default=512, help="KV slots kept per layer (%(default)s)")
+    p.add_argument("--context", type=_positive, default=2048, help="prompt length in tokens (%(default)s)")
     p.add_argument("--new-tokens", type=_positive, default=16, help="tokens to generate (default: %(default)s)")
     p.add_argument("--compiler", default="inductor", choices=COMPILERS, help="graph compiler (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="needle and haystack seed (default: %(default)s)")
