@@ -235,3 +235,21 @@ def test_analysis_error_lists_what_it_found():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 3))
     with pytest.raises(UnsupportedGraph, match="The graph calls"):
         find_attention_sites(gm.graph)
+
+
+def test_new_prompt_lengths_compile_one_dynamic_prefill_then_nothing():
+    model, ref_model = tiny_model(), tiny_model()
+    compiles = []
+
+    def counting_backend(gm, example_inputs, **kw):
+        compiles.append(gm)
+        return kvpass_backend(gm, example_inputs, **kw)
+
+    model.forward = torch.compile(model.forward, backend=counting_backend,
+                                  options={"policy": "h2o", "budget": 128, "compiler": "aot_eager"})
+    for length in (40, 57, 83, 33):
+        ids = torch.randint(1, 128, (1, length))
+        out = generate(model, ids, steps=5)
+        assert torch.equal(out.sequences, generate(ref_model, ids, steps=5).sequences)
+        assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [128, 128]
+    assert len(compiles) == 3  # static prefill, decode, then one prefill with a dynamic prompt length
