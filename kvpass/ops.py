@@ -86,11 +86,19 @@ def attend_reference(
     # GQA without copying K/V: query heads j*group..(j+1)*group-1 share kv head j (HF's repeat_kv order),
     # so fold each group into the query axis: [B, H_kv, group * rows, D] against [B, H_kv, N, D].
     qg = q.view(b, hkv, group, t, d)
-    chunks = []
+    chunks: list[Tensor] = []
     obs = torch.zeros(b, hkv, group, n if n_obs > 0 else 0, dtype=torch.float32, device=q.device)
     first_obs = t - n_obs
     # chunks never straddle first_obs: only observed queries take the explicit-weights path
     bounds = [*range(0, first_obs, _QUERY_CHUNK), *range(first_obs, t, _QUERY_CHUNK), t]
+    if n == t and window == 0 and first_obs > 0 and not torch.compiler.is_compiling() and bool((pos >= 0).all()):
+        # a prefill with no padding is plain causal attention: one fused SDPA call for the unobserved
+        # queries (HF's own kernel) instead of masked chunks
+        head = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, :first_obs], k[:, :, :first_obs], v[:, :, :first_obs], is_causal=True, scale=scale,
+            enable_gqa=True)
+        chunks.append(head.reshape(b, hkv, group, first_obs, d))
+        bounds = [*range(first_obs, t, _QUERY_CHUNK), t]
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):  # functional: also serves as a decomposition
         rows = slice(start, stop)
         r = rows.stop - rows.start
