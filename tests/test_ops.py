@@ -122,3 +122,17 @@ def test_compact_drops_tokens_outside_sliding_window():
 )
 def test_opcheck(op, args):
     torch.library.opcheck(op, args(), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_kept_indices_few_evictions_match_the_full_sort():
+    # the decode path (a few evictions, no sort of the store) keeps slots of the same ranks as the sort path
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(2, 40, (), generator=g))
+        n_evict = int(torch.randint(0, min(n - 1, ops._FEW_EVICTIONS) + 1, (), generator=g))
+        rank = torch.randint(0, 6, (2, 3, n), generator=g).float()  # many ties
+        rank[rank == 0] = float("-inf")
+        expected = rank.sort(dim=-1, descending=True, stable=True).indices[..., : n - n_evict].sort(dim=-1).values
+        got = ops.kept_indices(rank, n - n_evict)
+        assert torch.equal(rank.gather(-1, expected).sort(-1).values, rank.gather(-1, got).sort(-1).values)
+        assert (got.diff(dim=-1) > 0).all()
