@@ -21,9 +21,6 @@ class LayerPlan:
     layer: int
     budget: int                     # real tokens kept
     capacity: int                   # slots of the store (>= budget)
-    n_kv_heads: int
-    head_dim: int
-    kv_dtype: torch.dtype
     past_index: int | None          # position of the past-keys input among the graph's inputs
     state_inputs: tuple[fx.Node, ...] = ()   # pos, acc, seen placeholders (decode graphs)
     state_outputs: tuple[fx.Node, ...] = ()  # pos, acc, seen after this forward
@@ -79,9 +76,7 @@ class InsertKVEviction:
         return plans
 
     def _rewrite(self, graph: fx.Graph, site: AttentionSite, n_layers: int, placeholders) -> LayerPlan:
-        q_val, k_val = node_value(site.q), node_value(site.keys)
-        batch, n_kv, n_all, head_dim = k_val.shape
-        n_new = q_val.shape[2]
+        n_new = node_value(site.q).shape[2]
         is_decode = site.past_keys is not None
         budget, capacity = self._budget(site, n_layers, n_new, is_decode)
         spec = self.options.policy.spec()
@@ -122,7 +117,7 @@ class InsertKVEviction:
         self.counters["decode_sites" if is_decode else "prefill_sites"] += 1
         self.counters[f"{site.kind}_sites"] += 1
         past_index = placeholders.index(site.past_keys) if is_decode else None
-        return LayerPlan(site.layer, budget, capacity, n_kv, head_dim, k_val.dtype, past_index, state_inputs,
+        return LayerPlan(site.layer, budget, capacity, past_index, state_inputs,
                          (pos_store, acc_store, seen_all))
 
     def _budget(self, site: AttentionSite, n_layers: int, n_new, is_decode: bool) -> tuple[int, int]:
