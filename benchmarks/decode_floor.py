@@ -27,6 +27,8 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+import kvpass
+
 
 def _positive_list(text: str) -> list[int]:
     try:
@@ -48,10 +50,6 @@ def load_model(name: str):
     from kvpass.models import load
 
     return load(name)[0]
-
-
-def kv_bytes(cache: DynamicCache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
 def run_row(row: dict) -> dict:
@@ -96,7 +94,7 @@ def run_row(row: dict) -> dict:
         **row,
         "prefill_s": prefill,
         "decode_ms": statistics.median(times) * 1000,
-        "kv_bytes": kv_bytes(cache),
+        "kv_bytes": sum(s.kv_bytes for s in kvpass.kv_stats(cache)),
         "kv_slots_layer0": cache.layers[0].keys.shape[-2],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_load_bytes": rss_loaded,

@@ -40,10 +40,6 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _kv_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-
-
 def _timed_generate(model, ids, new_tokens: int):
     """Greedy generation; returns (output, prefill seconds, decode ms/token)."""
     marks: list[float] = []
@@ -78,7 +74,8 @@ def run_demo(args: argparse.Namespace) -> int:
     rows = []
     with torch.inference_mode():
         out, prefill, decode = _timed_generate(model, ids, args.new_tokens)
-    rows.append(("full KV (eager HF)", out, prefill, decode, _kv_bytes(out.past_key_values)))
+    kv_held = lambda cache: sum(layer.kv_bytes for layer in kvpass.kv_stats(cache))
+    rows.append(("full KV (eager HF)", out, prefill, decode, kv_held(out.past_key_values)))
 
     forward = model.forward
     model.forward = torch.compile(forward, backend="kvpass", options=options)
@@ -87,7 +84,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _timed_generate(model, ids, 2)  # warm-up: compiles the prefill and decode graphs
     compile_s = time.perf_counter() - start
     out, prefill, decode = _timed_generate(model, ids, args.new_tokens)
-    rows.append((f"kvpass {args.policy} budget {args.budget}", out, prefill, decode, _kv_bytes(out.past_key_values)))
+    rows.append((f"kvpass {args.policy} budget {args.budget}", out, prefill, decode, kv_held(out.past_key_values)))
     model.forward = forward
 
     print(f"\n{'run':<34} {'KV bytes held':>14} {'prefill s':>10} {'decode ms/tok':>14}  answer")
