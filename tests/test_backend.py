@@ -253,3 +253,8 @@ def test_new_prompt_lengths_compile_one_dynamic_prefill_then_nothing():
         assert torch.equal(out.sequences, generate(ref_model, ids, steps=5).sequences)
         assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [128, 128]
     assert len(compiles) == 3  # static prefill, decode, then one prefill with a dynamic prompt length
+
+
+def test_kv_stats_rejects_what_is_not_a_cache_naming_its_type():
+    with pytest.raises(TypeError, match="got dict"):
+        kvpass.kv_stats({"keys": torch.zeros(1)})
