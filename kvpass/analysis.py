@@ -130,12 +130,26 @@ def _cache_write(source: fx.Node, outputs: set[fx.Node]) -> tuple[fx.Node | None
     return None, 0
 
 
+def constant_float(x) -> float | None:
+    """``x`` as a Python float: a number, or a node whose traced value is a scalar.
+
+    With ``dynamic=True`` Dynamo lifts float module attributes (HF's ``self.scaling``) to graph inputs
+    read by ``.item()``; their value is constant for a given model, so the traced value is used.
+    """
+    if isinstance(x, int | float) and not isinstance(x, bool):
+        return float(x)
+    value = node_value(x) if isinstance(x, fx.Node) else x
+    if isinstance(value, torch.SymFloat | torch.SymInt) and value.node.hint is not None:
+        return float(value.node.hint)
+    return None
+
+
 def _scale_of(node: fx.Node, default: float) -> float:
     """Constant multiplier/divisor applied to the attention logits between matmul and softmax."""
     scale = default
     while node.op == "call_function" and node.target in PRE_SOFTMAX:
         a, b = node.args[0], node.args[1]
-        const = b if not isinstance(b, fx.Node) else a if not isinstance(a, fx.Node) else None
+        const = constant_float(b) if constant_float(b) is not None else constant_float(a)
         if const is not None and node.target in (operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar):
             scale = float(const)
         elif const is not None and node.target in (operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar):
@@ -191,7 +205,9 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
             mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
             head_dim = node_value(q).shape[-1]
             scale = node.kwargs.get("scale")
-            parts = ("sdpa", node, q, k, v, mask, head_dim**-0.5 if scale is None else float(scale))
+            if scale is not None and constant_float(scale) is None:
+                raise UnsupportedGraph(f"kvpass: attention '{node.name}' has a scale that is not a constant: {scale}")
+            parts = ("sdpa", node, q, k, v, mask, head_dim**-0.5 if scale is None else constant_float(scale))
         elif node.target in SOFTMAX_TARGETS:
             matched = _eager_site(node)
             if matched is None:

@@ -10,9 +10,10 @@ import torch
 import torch.fx as fx
 
 from kvpass.analysis import UnsupportedGraph, find_attention_sites, node_value
+from kvpass.blockwise import BlockLayout, BlockwiseRunner
 from kvpass.config import parse_options
 from kvpass.lowering import compile_graph
-from kvpass.passes import InsertKVEviction
+from kvpass.passes import BlockwisePrefill, InsertKVEviction
 from kvpass.session import GraphRecord, session_for
 
 
@@ -43,17 +44,14 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
             "position_ids= with the tokens' true positions (generate() does)."
         )
     session = session_for(opts, options)
+    if _blockwise(opts, sites):
+        return _compile_blockwise(gm, example_inputs, sites, opts, session)
     n_outputs = len(gm.graph.output_node().args[0])
     rewrite = InsertKVEviction(opts, session.prefill_budgets)
     plans = rewrite(gm.graph, sites)
     gm.recompile()
-    outputs = list(gm.graph.output_node().args[0])
-    key_output_index = {}
-    for plan in plans:
-        k_store = plan.state_outputs[0].args[0]  # pos_store = getitem(compacted, 2)
-        key_output_index[plan.layer] = next(
-            i for i, n in enumerate(outputs[:n_outputs]) if n.op == "call_function" and n.args == (k_store, 0)
-        )
+    store_outputs = _store_outputs(gm, plans, n_outputs)
+    key_output_index = {layer: k for layer, (k, _) in store_outputs.items()}
     state_examples = []
     for plan in plans:
         if plan.past_index is None:
@@ -64,7 +62,10 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
                            torch.zeros(b, dtype=torch.int64)]
     _detach_outputs(gm)
     decode = any(p.past_index is not None for p in plans)
-    compiled = compile_graph(gm, [*example_inputs, *state_examples], opts.compiler, inline_ops=decode)
+    # inline the op references only where the step's query count is static (a decode step): the references
+    # chunk queries with Python ranges, which a symbolic count cannot drive
+    static_step = isinstance(node_value(sites[0].q).shape[2], int)
+    compiled = compile_graph(gm, [*example_inputs, *state_examples], opts.compiler, inline_ops=decode and static_step)
     if not decode:
         session.prefill_budgets = {p.layer: (p.budget, p.capacity) for p in plans}
     session.graphs.append(GraphRecord("decode" if decode else "prefill", [s.describe() for s in sites],
@@ -76,6 +77,57 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
         return outs[:n_outputs]
 
     return run
+
+
+def _blockwise(opts, sites) -> bool:
+    """Block-wise prefill applies to first forwards longer than one block (a shorter one is its own block)."""
+    if opts.prefill_block is None or any(site.past_keys is not None for site in sites):
+        return False
+    seq = node_value(sites[0].q).shape[2]
+    return not (isinstance(seq, int) and seq <= opts.prefill_block)
+
+
+def _compile_blockwise(gm: fx.GraphModule, example_inputs: list, sites, opts, session) -> Callable:
+    """Rewrite a dynamic prefill graph into one block graph and run it block by block."""
+    seq = BlockwisePrefill.prompt_symbol(sites)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    n_outputs = len(gm.graph.output_node().args[0])
+    rewrite = InsertKVEviction(opts)
+    capacities = {site.layer: rewrite.budget(site, len(sites), seq, False)[1] for site in sites}
+    to_blocks = BlockwisePrefill(capacities)
+    block = to_blocks(gm.graph, sites)
+    plans = rewrite(gm.graph, sites, block)
+    layout = BlockLayout.of(placeholders, list(gm.graph.output_node().args[0][:n_outputs]), block, plans)
+    gm.recompile()
+    store_outputs = _store_outputs(gm, plans, n_outputs)
+    examples = [*example_inputs]
+    for plan in plans:
+        examples += [node_value(n) for n in block.past[plan.layer]]
+    examples += [node_value(block.valid), node_value(block.observe)]
+    for plan in plans:
+        k = node_value(block.past[plan.layer][0])
+        b, h, c, _ = k.shape  # the batch may be symbolic (dynamic=True): make the examples in the fake mode
+        with k.fake_mode:
+            examples += [k.new_zeros(b, h, c, dtype=torch.int64), k.new_zeros(b, h, c, dtype=torch.float32),
+                         k.new_zeros(b, dtype=torch.int64)]
+    _detach_outputs(gm)
+    compiled = compile_graph(gm, examples, opts.compiler)
+    counters = {**rewrite.counters, **to_blocks.counters}
+    session.graphs.append(GraphRecord("prefill-block", [s.describe() for s in sites], [p.budget for p in plans],
+                                      counters))
+    return BlockwiseRunner(compiled, layout, plans, opts.prefill_block, session, n_outputs, store_outputs)
+
+
+def _store_outputs(gm: fx.GraphModule, plans, n_outputs: int) -> dict[int, tuple[int, int]]:
+    """Per layer, the graph output indices of its compacted keys and values stores."""
+    outputs = list(gm.graph.output_node().args[0])[:n_outputs]
+    result = {}
+    for plan in plans:
+        compacted = plan.state_outputs[0].args[0]  # pos_store = getitem(compacted, 2)
+        k, v = (next(i for i, n in enumerate(outputs) if isinstance(n, fx.Node) and n.op == "call_function"
+                     and n.args == (compacted, j)) for j in (0, 1))
+        result[plan.layer] = (k, v)
+    return result
 
 
 def _detach_outputs(gm: fx.GraphModule) -> None:

@@ -26,6 +26,8 @@ class KVPassOptions:
     layer_budgets: tuple[int, ...] | None = None
     compiler: str = "inductor"
     fallback: bool = False
+    prefill_block: int | None = None  # prefill the prompt in blocks of this many tokens
+    episodes: int | None = None       # EpiCache: conversation episodes (caches) built by kvpass.EpisodicCache
 
     def uuid(self) -> str:
         """A key that changes whenever an option changes (for compile caches)."""
@@ -36,6 +38,7 @@ class KVPassOptions:
                 "ratio": self.ratio,
                 "layer_budgets": self.layer_budgets,
                 "compiler": self.compiler,
+                "prefill_block": self.prefill_block,
             },
             sort_keys=True,
         )
@@ -54,7 +57,8 @@ class KVPassOptions:
 
 
 _POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta"}
-VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", *sorted(_POLICY_KEYS))
+VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
+              *sorted(_POLICY_KEYS))
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -106,4 +110,20 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
     fallback = options.get("fallback", False)
     if not isinstance(fallback, bool):
         raise ValueError(f"kvpass: option 'fallback' must be True or False, got {fallback!r}")
-    return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback)
+    prefill_block = options.get("prefill_block")
+    if prefill_block is not None:
+        prefill_block = _positive_int("prefill_block", prefill_block)
+        if ratio is not None:
+            raise ValueError(
+                f"kvpass: option 'prefill_block' ({prefill_block}) needs a fixed 'budget' or 'layer_budgets': a "
+                f"'ratio' ({ratio}) of a prompt is unknown until the whole prompt has been read"
+            )
+    episodes = options.get("episodes")
+    if episodes is not None:
+        episodes = _positive_int("episodes", episodes)
+        if policy.name != "epicache" or prefill_block is None:
+            raise ValueError(
+                f"kvpass: option 'episodes' ({episodes}) is EpiCache's: it needs policy 'epicache' and a "
+                f"'prefill_block'; got policy {name!r} and prefill_block {prefill_block!r}"
+            )
+    return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes)

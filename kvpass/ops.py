@@ -76,7 +76,8 @@ def attend_reference(
     q: ``[B, H_q, T, D]``; k/v: ``[B, H_kv, N, D]`` (GQA when ``H_q > H_kv``); pos as in the module doc;
     window: sliding-window length of the layer, 0 for full attention.
     Returns ``(out [B, H_q, T, D], obs [B, H_q, N])`` where ``obs`` is the float32 softmax weights of the
-    last ``policy.n_obs(T)`` queries summed over those queries (``[B, H_q, 0]`` if the policy reads none).
+    last ``policy.n_obs(T)`` queries summed (or, for a policy with ``obs_reduce == "max"``, maximized) over
+    those queries (``[B, H_q, 0]`` if the policy reads none).
     """
     b, hq, t, d = q.shape
     rule = policy_from_spec(policy)
@@ -110,7 +111,11 @@ def attend_reference(
             logits = (qc.float() @ k.float().transpose(-1, -2)) * scale
             weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             chunk = (weights.to(v.dtype) @ v).to(q.dtype)
-            obs = obs + weights.view(b, hkv, group, r, n)[:, :, :, max(first_obs - start, 0) :].sum(dim=3)
+            observed = weights.view(b, hkv, group, r, n)[:, :, :, max(first_obs - start, 0) :]
+            if rule.obs_reduce == "max":
+                obs = torch.maximum(obs, observed.amax(dim=3))
+            else:
+                obs = obs + observed.sum(dim=3)
         chunks.append(chunk.view(b, hkv, group, r, -1))
     out = torch.cat(chunks, dim=3) if len(chunks) > 1 else chunks[0]
     return out.reshape(b, hq, t, d), obs.view(b, hq, -1)

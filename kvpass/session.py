@@ -44,6 +44,9 @@ class Session:
         self.graphs: list[GraphRecord] = []
         self.adopted_caches = 0
         self.forwards = 0
+        # Block-wise prefill: token ids appended to every block as observation-only queries (EpiCache's
+        # patched prompt), "repeat" for a copy of the block itself (KVzip-style), or None
+        self.observation_ids: torch.Tensor | str | None = None
 
     def state_inputs(self, plans: list[LayerPlan], args: tuple) -> list[torch.Tensor]:
         """Metadata inputs of a decode graph, in plan order.

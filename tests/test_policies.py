@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvpass import ops
-from kvpass.policies import H2O, TOVA, Knorm, PyramidKV, SnapKV, StreamingLLM, make_policy
+from kvpass.policies import H2O, TOVA, EpiCache, Knorm, PyramidKV, SnapKV, StreamingLLM, make_policy
 
 HQ, HKV, D = 4, 2, 8
 SCALE = D**-0.5
@@ -118,6 +118,18 @@ def test_snapkv_keeps_window_plus_top_pooled_prefix(qk, pooling):
     for h in range(HKV):
         assert kept[h][-window:] == list(range(40 - window, 40))
         assert_top(kept[h], scores[h], budget - window)
+
+
+def test_epicache_keeps_what_any_observation_query_of_the_group_attends_to_most(qk):
+    # EpiCache's score: the max softmax weight over the patched prompt's queries (the last `window`) and
+    # over each GQA group; everything (the prompt itself included) is ranked by it, nothing protected
+    q, k = qk
+    window, budget = 6, 14
+    kept, _ = kept_by_kvpass(EpiCache(window=window), q, k, budget)
+    weights = causal_weights_np(q, k)[:, -window:]  # [H_q, window, T]
+    scores = weights.max(axis=1).reshape(HKV, HQ // HKV, -1).max(axis=1)
+    for h in range(HKV):
+        assert_top(kept[h], scores[h], budget)
 
 
 def test_tova_keeps_what_the_last_query_attends_to_averaged_over_heads(qk):

@@ -12,6 +12,7 @@ import torch.fx as fx
 import kvpass.ops  # noqa: F401  (registers the kvpass::* ops used below)
 from kvpass.analysis import AttentionSite, UnsupportedGraph, node_value
 from kvpass.config import KVPassOptions
+from kvpass.passes.blockwise_prefill import BlockInputs
 
 
 @dataclasses.dataclass
@@ -38,6 +39,10 @@ class InsertKVEviction:
     ``budget`` slots; per layer the graph takes (decode) and returns the store metadata
     ``pos [B,H_kv,budget]``, ``acc [B,H_kv,budget]``, ``seen [B]`` as extra trailing inputs/outputs,
     in layer order. ``counters`` counts rewritten sites by kind.
+
+    With ``block`` (from :class:`~kvpass.passes.BlockwisePrefill`), sites with a store input take the
+    block's ``valid`` flags for their new tokens, and its ``observe`` tokens get positions (they attend
+    to each other) but are dead for scoring and compaction and are not counted in ``seen``.
     """
 
     def __init__(self, options: KVPassOptions, prefill_budgets: dict[int, tuple[int, int]] | None = None) -> None:
@@ -49,12 +54,13 @@ class InsertKVEviction:
     def uuid(self) -> str:
         return f"{type(self).__name__}:v1:{self.options.uuid()}"
 
-    def __call__(self, graph: fx.Graph, sites: list[AttentionSite]) -> list[LayerPlan]:
+    def __call__(self, graph: fx.Graph, sites: list[AttentionSite],
+                 block: BlockInputs | None = None) -> list[LayerPlan]:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         output = graph.output_node()
         plans = []
         for site in sites:
-            plans.append(self._rewrite(graph, site, len(sites), placeholders))
+            plans.append(self._rewrite(graph, site, len(sites), placeholders, block))
         # state inputs after the original inputs, in layer order (the backend relies on this order)
         last = placeholders[-1]
         for plan in plans:
@@ -75,10 +81,11 @@ class InsertKVEviction:
         graph.lint()
         return plans
 
-    def _rewrite(self, graph: fx.Graph, site: AttentionSite, n_layers: int, placeholders) -> LayerPlan:
+    def _rewrite(self, graph: fx.Graph, site: AttentionSite, n_layers: int, placeholders,
+                 block: BlockInputs | None) -> LayerPlan:
         n_new = node_value(site.q).shape[2]
         is_decode = site.past_keys is not None
-        budget, capacity = self._budget(site, n_layers, n_new, is_decode)
+        budget, capacity = self.budget(site, n_layers, n_new, is_decode and block is None)
         spec = self.options.policy.spec()
         with graph.inserting_before(site.attn):
             g = graph.call_function
@@ -88,8 +95,11 @@ class InsertKVEviction:
                 acc = g(torch.empty, ((0,),))
                 seen = g(torch.empty, ((0,),))
                 state_inputs = (pos, acc, seen)
-                new_valid = g(torch.ones_like, (g(operator.getitem, (site.q, (slice(None), 0, slice(None), 0))),),
-                              {"dtype": torch.bool})
+                if block is not None:
+                    new_valid = g(operator.or_, (block.valid, block.observe))
+                else:
+                    new_valid = g(torch.ones_like, (g(operator.getitem, (site.q, (slice(None), 0, slice(None), 0))),),
+                                  {"dtype": torch.bool})
             else:
                 empty = g(operator.getitem, (site.keys, (slice(None), slice(None), slice(0, 0), 0)))
                 pos = g(torch.zeros_like, (empty,), {"dtype": torch.int64})
@@ -103,6 +113,11 @@ class InsertKVEviction:
             attended = g(torch.ops.kvpass.attend.default,
                          (site.q, site.keys, site.values, pos_all, site.scale, spec, site.window))
             out, obs = (g(operator.getitem, (attended, i)) for i in range(2))
+            if block is not None:  # observation tokens: scored from, never kept, not part of the sequence
+                observed = g(torch.nn.functional.pad, (block.observe, (capacity, 0)), {"value": False})
+                observed = g(operator.getitem, (observed, (slice(None), None)))
+                pos_all = g(torch.Tensor.masked_fill, (pos_all, observed, -1))
+                seen_all = g(operator.sub, (seen_all, g(torch.sum, (block.observe,), {"dim": 1})))
             n_new_arg = n_new if isinstance(n_new, int) else g(torch.ops.aten.sym_size.int, (site.q, 2))
             scored = g(torch.ops.kvpass.score.default, (spec, obs, site.keys, pos_all, acc_all, n_new_arg, budget))
             keep, acc_new = (g(operator.getitem, (scored, i)) for i in range(2))
@@ -114,13 +129,13 @@ class InsertKVEviction:
         output = graph.output_node()
         output.replace_input_with(site.key_write, k_store)
         output.replace_input_with(site.value_write, v_store)
-        self.counters["decode_sites" if is_decode else "prefill_sites"] += 1
+        self.counters["block_sites" if block is not None else "decode_sites" if is_decode else "prefill_sites"] += 1
         self.counters[f"{site.kind}_sites"] += 1
         past_index = placeholders.index(site.past_keys) if is_decode else None
         return LayerPlan(site.layer, budget, capacity, past_index, state_inputs,
                          (pos_store, acc_store, seen_all))
 
-    def _budget(self, site: AttentionSite, n_layers: int, n_new, is_decode: bool) -> tuple[int, int]:
+    def budget(self, site: AttentionSite, n_layers: int, n_new, is_decode: bool) -> tuple[int, int]:
         """(tokens kept, store slots) of ``site``'s layer."""
         opts = self.options
         if is_decode and opts.ratio is not None:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from kvpass.policies.base import Policy
+from kvpass.policies.epicache import EpiCache
 from kvpass.policies.h2o import H2O
 from kvpass.policies.knorm import Knorm
 from kvpass.policies.pyramidkv import PyramidKV
@@ -16,7 +17,7 @@ from kvpass.policies.streaming_llm import StreamingLLM
 from kvpass.policies.tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, Knorm)
+    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, Knorm, EpiCache)
 }
 
 

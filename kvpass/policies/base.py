@@ -30,6 +30,8 @@ class Policy:
     name: ClassVar[str] = ""
     # Whether score() reads attention weights; False lets the attention op skip computing them.
     needs_obs: ClassVar[bool] = True
+    # How the attention op reduces the observed queries' weights: "sum" or "max".
+    obs_reduce: ClassVar[str] = "sum"
 
     def n_obs(self, n_new: int) -> int:
         """How many trailing queries of this forward the attention op must report weights for.
@@ -47,7 +49,8 @@ class Policy:
     ) -> tuple[Tensor, Tensor]:
         """Return ``(keep, acc)``, both ``[B, H_kv, N]`` float32.
 
-        obs:  ``[B, H_q, N]`` softmax weights summed over the last ``n_obs(n_new)`` queries (empty if 0)
+        obs:  ``[B, H_q, N]`` softmax weights summed (``obs_reduce``) over the last ``n_obs(n_new)`` queries
+              (empty if 0)
         keys: ``[B, H_kv, N, D]`` candidate keys (after RoPE)
         pos:  ``[B, H_kv, N]`` int64 logical positions, ``-1`` for padding / empty slots
         acc:  ``[B, H_kv, N]`` float32 statistic carried from earlier forwards (0 for new tokens)

@@ -1,0 +1,137 @@
+"""Peak memory of a prefill vs prompt length: full KV (eager HF) vs kvpass block-wise prefill.
+
+Each (mode, length) runs in a fresh process. The model is loaded and (kvpass) compiled on a short warm-up
+prompt first; then the peak-RSS counter is reset (Linux ``/proc/self/clear_refs``) and the prompt is
+prefilled, so ``peak_mib`` is the peak *increase* of resident memory during that prefill: every tensor it
+allocates (KV, activations, attention temporaries), not the weights. ``kv_bound_mib`` is the KV a
+block-wise prefill may hold by design: every layer's store plus one block, L x 2 x H_kv x (budget + block) x D.
+Prompts are random token ids (memory does not depend on content).
+
+    python benchmarks/prefill_memory.py --lengths 2048,4096,8192,16384,32768 --out results/prefill_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def run_one(model_name: str, mode: str, length: int, budget: int, block: int, policy: str, compiler: str) -> dict:
+    import kvpass.models
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model, _ = kvpass.models.load(model_name)
+    model.eval()
+    cfg = model.config
+    forward = model.forward
+    if mode == "blockwise":
+        forward = torch.compile(model.forward, backend="kvpass", dynamic=True, options={
+            "policy": policy, "budget": budget, "prefill_block": block, "compiler": compiler})
+
+    def prefill(n: int):
+        ids = torch.randint(0, cfg.vocab_size, (1, n))
+        with torch.inference_mode():
+            return forward(input_ids=ids, position_ids=torch.arange(n)[None], past_key_values=DynamicCache(config=cfg),
+                           use_cache=True, logits_to_keep=1)
+
+    prefill(2 * block + 7)  # compile (kvpass) and warm up allocator pools
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
+    base = _rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    out = prefill(length)
+    seconds = time.perf_counter() - t0
+    peak = _rss_kib("VmHWM") - base
+    from kvpass.eval.runner import cache_bytes
+
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # fp32 bytes per token
+    return {
+        "mode": mode, "length": length, "budget": budget, "block": block, "policy": policy, "compiler": compiler,
+        "prefill_s": round(seconds, 2), "peak_mib": round(peak / 1024, 1),
+        "kv_held_mib": round(cache_bytes(out.past_key_values) / 2**20, 1),
+        "kv_full_mib": round(per_slot * length / 2**20, 1),
+        "kv_bound_mib": round(per_slot * (budget + block) / 2**20, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--lengths", default="2048,4096,8192,16384,32768")
+    p.add_argument("--modes", default="full,blockwise")
+    p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--policy", default="snapkv")
+    p.add_argument("--compiler", default="inductor")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/prefill_memory.json")
+    p.add_argument("--plot", default="benchmarks/figures/issue4/prefill_memory.png")
+    p.add_argument("--one", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        mode, length = args.one[0], int(args.one[1])
+        print(json.dumps(run_one(args.model, mode, length, args.budget, args.block, args.policy, args.compiler)))
+        return
+    rows = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        for mode in args.modes.split(","):
+            cmd = [sys.executable, __file__, "--one", mode, str(length), "--model", args.model, "--budget",
+                   str(args.budget), "--block", str(args.block), "--policy", args.policy, "--compiler", args.compiler,
+                   "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{mode} at {length} failed")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{row['mode']:>9} {row['length']:>6}: peak +{row['peak_mib']:>7} MiB  "
+                  f"KV held {row['kv_held_mib']:>6} "
+                  f"MiB (full {row['kv_full_mib']}, bound {row['kv_bound_mib']})  {row['prefill_s']} s", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    _plot(rows, args.plot)
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, style in (("full", "o-"), ("blockwise", "s-")):
+        sel = [r for r in rows if r["mode"] == mode]
+        if sel:
+            label = "full prefill (eager HF)" if mode == "full" else f"kvpass block-wise (budget {sel[0]['budget']}, " \
+                f"block {sel[0]['block']})"
+            ax.plot([r["length"] for r in sel], [r["peak_mib"] for r in sel], style, label=f"{label}: peak")
+    sel = [r for r in rows if r["mode"] == "full"]
+    ax.plot([r["length"] for r in sel], [r["kv_full_mib"] for r in sel], ":", label="full KV size")
+    if rows:
+        ax.axhline(rows[0]["kv_bound_mib"], ls="--", c="gray", label="budget + block KV bound")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("MiB")
+    ax.set_title("Prefill peak memory increase (SmolLM2-135M, fp32, CPU)")
+    ax.legend(fontsize=7)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Run a block graph (from :class:`kvpass.passes.BlockwisePrefill`) over a prompt of any length.
+
+The prompt is split into blocks of ``prefill_block`` tokens; the *first* block is left-padded so every
+block is full (one compiled graph, no recompiles) and the last block ends on the prompt's last token
+(so ``logits_to_keep=1`` still returns its logits). After each block every layer's store is back at its
+budget, so the KV held never exceeds budget + one block, however long the prompt is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from kvpass.analysis import UnsupportedGraph, node_value
+from kvpass.passes import BlockInputs, LayerPlan
+from kvpass.session import Session
+
+
+@dataclasses.dataclass
+class TokenInput:
+    index: int   # position among the graph's inputs
+    dim: int     # its sequence dimension
+    role: str    # "input_ids", "position_ids", "attention_mask" or "other"
+
+
+@dataclasses.dataclass
+class BlockLayout:
+    """Which inputs and outputs of a block graph run along the prompt."""
+
+    tokens: list[TokenInput]
+    seq_inputs: list[int]              # SymInt inputs equal to the prompt length
+    token_outputs: dict[int, int]      # output index -> sequence dim
+    stores: list[tuple[torch.Size, torch.dtype]]  # per layer (plan order): store shape (batch 0), dtype
+
+    @classmethod
+    def of(cls, placeholders: list[fx.Node], outputs: list[fx.Node], block: BlockInputs,
+           plans: list[LayerPlan]) -> BlockLayout:
+        seq = block.seq.node.expr
+        tokens, seq_inputs = [], []
+        for i, node in enumerate(placeholders):
+            value = node_value(node)
+            if isinstance(value, torch.SymInt) and value.node.expr == seq:
+                seq_inputs.append(i)
+            elif isinstance(value, torch.Tensor):
+                dims = _seq_dims(value, seq)
+                if dims:
+                    role = next((r for r in ("input_ids", "position_ids", "attention_mask") if r in node.name), "other")
+                    tokens.append(TokenInput(i, dims[0], role))
+        if not any(t.role == "position_ids" for t in tokens):
+            raise UnsupportedGraph(
+                "kvpass: block-wise prefill needs the tokens' positions as an input, but this prefill graph takes "
+                "no position_ids (the model would restart RoPE positions at 0 in every block). Pass position_ids= "
+                "(generate() does)."
+            )
+        token_outputs = {}
+        for i, node in enumerate(outputs):
+            value = node_value(node) if isinstance(node, fx.Node) else None
+            if isinstance(value, torch.Tensor):
+                dims = _seq_dims(value, seq)
+                if dims:
+                    token_outputs[i] = dims[0]
+        stores = []
+        for plan in plans:
+            k = node_value(block.past[plan.layer][0])
+            stores.append((k.shape, k.dtype))
+        return cls(tokens, seq_inputs, token_outputs, stores)
+
+
+class BlockwiseRunner:
+    """Call a compiled block graph once per block, threading the stores and their metadata."""
+
+    def __init__(self, compiled: Callable, layout: BlockLayout, plans: list[LayerPlan], block_size: int,
+                 session: Session, n_outputs: int, store_outputs: dict[int, tuple[int, int]]) -> None:
+        self.compiled = compiled
+        self.layout = layout
+        self.plans = plans
+        self.block_size = block_size
+        self.session = session
+        self.n_outputs = n_outputs
+        self.store_outputs = store_outputs  # layer -> output indices of its keys and values store
+        self.blocks_run = 0
+
+    def __call__(self, *args) -> list:
+        layout = self.layout
+        first = args[layout.tokens[0].index]
+        b, t = first.shape[0], first.shape[layout.tokens[0].dim]
+        device = first.device
+        block = self.block_size
+        n_blocks = max(1, math.ceil(t / block))
+        pad = n_blocks * block - t
+        observe_ids = self.session.observation_ids
+        repeat = isinstance(observe_ids, str)  # "repeat": each block observed by a copy of itself (KVzip-style)
+        n_obs = 0 if observe_ids is None else block if repeat else observe_ids.shape[-1]
+        if n_obs and any(tok.role == "other" for tok in layout.tokens):
+            names = [tok.index for tok in layout.tokens if tok.role == "other"]
+            raise ValueError(f"kvpass: an observation prompt needs token inputs kvpass knows; inputs {names} are not")
+
+        padded = {tok.index: _pad_front(args[tok.index], tok.dim, pad) for tok in layout.tokens}
+        mask = next((args[tok.index] for tok in layout.tokens if tok.role == "attention_mask"), None)
+        valid = torch.ones(b, t, dtype=torch.bool, device=device) if mask is None else mask != 0
+        valid = _pad_front(valid, 1, pad)
+        observe = torch.zeros(b, block + n_obs, dtype=torch.bool, device=device)
+        observe[:, block:] = True
+
+        stores, state = [], []
+        for shape, dtype in layout.stores:
+            shape = (b, *shape[1:])
+            stores += [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
+            state += [torch.full(shape[:3], -1, dtype=torch.int64, device=device),
+                      torch.zeros(shape[:3], device=device), torch.zeros(b, dtype=torch.int64, device=device)]
+        pieces: dict[int, list[torch.Tensor]] = {i: [] for i in layout.token_outputs}
+        outs: list = []
+        for i in range(n_blocks):
+            call = list(args)
+            own_ids = next((padded[t.index].narrow(t.dim, i * block, block) for t in layout.tokens
+                            if t.role == "input_ids"), None)
+            for tok in layout.tokens:
+                x = padded[tok.index].narrow(tok.dim, i * block, block).contiguous()
+                if n_obs:
+                    x = torch.cat([x, _observation_part(tok, x, own_ids if repeat else observe_ids, b)], dim=tok.dim)
+                call[tok.index] = x
+            for j in layout.seq_inputs:
+                call[j] = block + n_obs
+            block_valid = valid[:, i * block : (i + 1) * block].contiguous()
+            if n_obs:
+                block_valid = torch.nn.functional.pad(block_valid, (0, n_obs), value=False)
+            outs = self.compiled(*call, *stores, block_valid, observe, *state)
+            del call
+            for j, d in layout.token_outputs.items():
+                pieces[j].append(outs[j].narrow(d, 0, block))
+            stores, state = [], list(outs[self.n_outputs :])
+            for plan in self.plans:
+                k_index, v_index = self.store_outputs[plan.layer]
+                stores += [outs[k_index], outs[v_index]]
+            self.blocks_run += 1
+        outs = list(outs)
+        for j, d in layout.token_outputs.items():
+            whole = torch.cat(pieces[j], dim=d) if len(pieces[j]) > 1 else pieces[j][0]
+            outs[j] = whole.narrow(d, pad, t)
+        if n_obs:  # outputs of the last position belong to the observation prompt: make misuse loud
+            stores_out = {i for pair in self.store_outputs.values() for i in pair}
+            for j in range(self.n_outputs):
+                x = outs[j]
+                if j not in layout.token_outputs and j not in stores_out and isinstance(x, torch.Tensor) \
+                        and x.is_floating_point():
+                    outs[j] = torch.full_like(x, float("nan"))
+        self.session.update(self.plans, outs, self.n_outputs, {k: ks for k, (ks, _) in self.store_outputs.items()})
+        return outs[: self.n_outputs]
+
+
+def _seq_dims(value: torch.Tensor, seq) -> list[int]:
+    """Dimensions of ``value`` whose size is the prompt-length symbol ``seq``."""
+    return [d for d, size in enumerate(value.shape) if isinstance(size, torch.SymInt) and size.node.expr == seq]
+
+
+def _pad_front(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _observation_part(tok: TokenInput, x: torch.Tensor, observe_ids: torch.Tensor, b: int) -> torch.Tensor:
+    """The observation prompt's entries of token input ``tok`` (its ids, positions after the block, mask 1)."""
+    n = observe_ids.shape[-1]
+    if tok.role == "input_ids":
+        return observe_ids.to(x.device).reshape(-1, n).expand(b, n)
+    if tok.role == "position_ids":
+        last = x.narrow(tok.dim, x.shape[tok.dim] - 1, 1)
+        return last + torch.arange(1, n + 1, device=x.device)
+    return torch.ones(b, n, dtype=x.dtype, device=x.device)

@@ -1,0 +1,156 @@
+"""Compress a context once, answer many later questions from it; EpiCache's episodic caches.
+
+The question-agnostic protocol: the context is prefilled (block by block) and compressed *before* any
+question is seen; each question is then appended to a copy of the compressed cache. With
+``observe="repeat"`` each block is scored by a copy of itself appended as observation-only queries
+(KVzip-style context reconstruction); with an :class:`EpisodicCache`, the conversation is clustered into
+episodes and each episode's cache is scored by that episode's patched prompt (EpiCache).
+
+All functions take ``forward`` = ``torch.compile(model.forward, backend="kvpass", dynamic=True,
+options=options)`` and the same ``options`` dict (it identifies the compiled session).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpass.config import parse_options
+from kvpass.session import LayerState, Session, session_for
+
+
+@dataclasses.dataclass
+class CompressedContext:
+    cache: Any                       # the HF cache holding the compressed stores
+    layers: dict[int, LayerState]    # kvpass's metadata of those stores
+    length: int                      # context tokens (the next token's position)
+
+
+def _session(options: dict) -> Session:
+    return session_for(parse_options(options), options)
+
+
+@torch.inference_mode()
+def compress_context(forward, model: torch.nn.Module, options: dict, context_ids: Sequence[int],
+                     observe: torch.Tensor | str | None = None) -> CompressedContext:
+    """Prefill ``context_ids`` (batch 1) through ``forward``.
+
+    ``observe``: observation prompt ids appended to every block, ``"repeat"`` (each block observed by a copy
+    of itself), or None (the policy's own rule).
+    """
+    from transformers import DynamicCache
+
+    if isinstance(observe, str) and observe != "repeat":
+        raise ValueError(f"kvpass: observe must be token ids, 'repeat' or None, got {observe!r}")
+    if observe is not None and parse_options(options).prefill_block is None:
+        raise ValueError("kvpass: an observation prompt needs block-wise prefill; set option 'prefill_block'")
+    session = _session(options)
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(context_ids)], device=device)
+    session.observation_ids = observe
+    try:
+        out = forward(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
+                      past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    finally:
+        session.observation_ids = None
+    return CompressedContext(out.past_key_values, dict(session.layers), ids.shape[1])
+
+
+@torch.inference_mode()
+def answer(forward, model: torch.nn.Module, options: dict, context: CompressedContext, question_ids: Sequence[int],
+           max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy answer to ``question_ids`` appended to a copy of ``context`` (which stays reusable)."""
+    session = _session(options)
+    session.layers = dict(context.layers)
+    cache = copy.copy(context.cache)
+    cache.layers = [copy.copy(layer) for layer in context.cache.layers]
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(question_ids)], device=device)
+    start = context.length
+    generated: list[int] = []
+    while len(generated) < max_new_tokens:
+        pos = torch.arange(start, start + ids.shape[1], device=device)[None]
+        out = forward(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        start += ids.shape[1]
+        nxt = int(out.logits[0, -1].argmax())
+        generated.append(nxt)
+        if nxt in stop_ids:
+            break
+        ids = torch.tensor([[nxt]], device=device)
+    return generated
+
+
+class EpisodicCache:
+    """EpiCache over one long context: cluster its segments into episodes, keep one compressed cache per
+    episode (scored by the episode's patched prompt), and answer each question from the episode it is
+    nearest to.
+
+    Segments (e.g. windows of utterances) are embedded with the model's own input embeddings (mean over
+    a segment's tokens: no extra dependency), clustered with scikit-learn's K-means, and each episode's
+    patched prompt is built from the segments nearest its centroid, to exactly the policy's ``window``
+    tokens (the number of observation queries). Episode caches not in use can be moved to the CPU.
+    """
+
+    def __init__(self, forward, model: torch.nn.Module, options: dict, seed: int = 0) -> None:
+        opts = parse_options(options)
+        if opts.policy.name != "epicache" or opts.episodes is None:
+            raise ValueError(f"kvpass: EpisodicCache needs options with policy 'epicache' and 'episodes'; got "
+                             f"{options!r}")
+        self.forward, self.model, self.options, self.seed = forward, model, options, seed
+        self.episodes = opts.episodes
+        self.patched_tokens = opts.policy.window
+        self.centroids: np.ndarray | None = None
+        self.contexts: list[CompressedContext] = []
+        self.patched_prompts: list[list[int]] = []
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        table = self.model.get_input_embeddings().weight
+        with torch.no_grad():
+            return table[torch.tensor(list(ids), device=table.device)].float().mean(0).cpu().numpy()
+
+    def build(self, context_ids: Sequence[int], segments: Sequence[tuple[int, int]]) -> None:
+        """Cluster ``segments`` (``[start, end)`` token spans of ``context_ids``) and compress one cache per episode."""
+        from sklearn.cluster import KMeans
+
+        if len(segments) < self.episodes:
+            raise ValueError(f"kvpass: {len(segments)} segments cannot form {self.episodes} episodes")
+        for start, end in segments:
+            if not 0 <= start < end <= len(context_ids):
+                raise ValueError(
+                    f"kvpass: segment {(start, end)} is not a span of the {len(context_ids)}-token context")
+        vectors = np.stack([self.embed(context_ids[s:e]) for s, e in segments])
+        kmeans = KMeans(n_clusters=self.episodes, n_init=10, random_state=self.seed).fit(vectors)
+        self.centroids = kmeans.cluster_centers_
+        self.contexts, self.patched_prompts = [], []
+        for e in range(self.episodes):
+            order = np.argsort(np.linalg.norm(vectors - self.centroids[e], axis=1))
+            members = [i for i in order if kmeans.labels_[i] == e] or list(order[:1])
+            prompt: list[int] = []
+            while len(prompt) < self.patched_tokens:  # nearest first; repeat if the episode is short
+                for i in members:
+                    s, t = segments[i]
+                    prompt += list(context_ids[s:t])
+            prompt = prompt[: self.patched_tokens]
+            self.patched_prompts.append(prompt)
+            self.contexts.append(compress_context(self.forward, self.model, self.options, context_ids,
+                                                  observe=torch.tensor(prompt)))
+
+    def route(self, question_ids: Sequence[int]) -> int:
+        """Index of the episode whose centroid is nearest the question's embedding."""
+        if self.centroids is None:
+            raise RuntimeError("kvpass: EpisodicCache.build() must run before questions are routed")
+        return int(np.argmin(np.linalg.norm(self.centroids - self.embed(question_ids), axis=1)))
+
+    def answer(self, question_ids: Sequence[int], max_new_tokens: int,
+               stop_ids: Sequence[int] = ()) -> tuple[list[int], int]:
+        """Greedy answer from the question's episode; returns ``(tokens, episode)``."""
+        episode = self.route(question_ids)
+        tokens = answer(self.forward, self.model, self.options, self.contexts[episode], question_ids,
+                        max_new_tokens, stop_ids)
+        return tokens, episode

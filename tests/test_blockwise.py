@@ -1,0 +1,139 @@
+"""Block-wise prefill: one block graph for every prompt length, stores bounded by budget + block."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_backend import generate, padded_batch
+from transformers import DynamicCache
+
+import kvpass
+from kvpass.analysis import UnsupportedGraph
+from kvpass.session import last_session
+
+
+def compiled(model, dynamic=True, **options):
+    options.setdefault("compiler", "aot_eager")
+    return torch.compile(model.forward, backend="kvpass", options=options, dynamic=dynamic)
+
+
+def prefill(forward, model, ids, mask=None, **kw):
+    mask = torch.ones_like(ids) if mask is None else mask
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return forward(input_ids=ids, attention_mask=mask, position_ids=pos,
+                   past_key_values=DynamicCache(config=model.config), use_cache=True, **kw)
+
+
+def attend_slots(fn):
+    """Run ``fn``; return its result and the candidate slots (store + new tokens) of every kvpass::attend call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        result = fn()
+    return result, [e.input_shapes[1][2] for e in prof.events() if e.name == "kvpass::attend" and e.input_shapes[1]]
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "epicache"])
+def test_block_prefill_with_budget_covering_the_prompt_is_exact_for_every_length(policy):
+    model = tiny_model()
+    ref_model = tiny_model()
+    model.forward = compiled(model, policy=policy, budget=128, prefill_block=16)
+    for length in (100, 77, 40):  # 7, 5 and 3 blocks; the first one left-padded
+        ids = torch.randint(1, 128, (1, length), generator=torch.Generator().manual_seed(length))
+        ref = generate(ref_model, ids)
+        out = generate(model, ids)
+        assert torch.equal(out.sequences, ref.sequences)
+        for a, b in zip(out.logits, ref.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # one block graph and one decode graph served all three prompt lengths
+    assert [g["kind"] for g in kvpass.explain().graphs] == ["prefill-block", "decode"]
+    assert kvpass.explain().graphs[0]["counters"]["blocked_sites"] == 2
+
+
+def test_block_prefill_of_a_left_padded_batch_matches_every_real_token_logit():
+    ids, mask = padded_batch(length=50, pad=13)
+    ref = prefill(tiny_model().forward, tiny_model(), ids, mask)
+    model = tiny_model()
+    out = prefill(compiled(model, policy="h2o", budget=64, prefill_block=16), model, ids, mask)
+    torch.testing.assert_close(out.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-5, rtol=0)
+    stats = kvpass.kv_stats(out.past_key_values)
+    assert [s.real_tokens for s in stats] == [2 * (50 + 37)] * 2  # kv heads x real tokens of both rows
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "pyramidkv", "epicache"])
+def test_stores_never_exceed_budget_plus_one_block(policy):
+    model = tiny_model()
+    extra = {"window": 8} if policy in ("snapkv", "pyramidkv", "epicache") else {}
+    forward = compiled(model, policy=policy, budget=24, prefill_block=16, **extra)
+    ids = torch.randint(1, 128, (1, 150))
+    prefill(forward, model, ids[:, :40], logits_to_keep=1)  # compile outside the recording mode
+    out, slots = attend_slots(lambda: prefill(forward, model, ids, logits_to_keep=1))
+    budgets = kvpass.explain().graphs[0]["budgets"]
+    assert len(slots) >= 2 * 10  # 2 layers x ceil(150 / 16) blocks
+    assert max(slots) <= max(budgets) + 16
+    for layer, stats in enumerate(kvpass.kv_stats(out.past_key_values)):
+        # every layer holds exactly its budget of real tokens (2 kv heads); with an attention mask all stores
+        # share the largest capacity (HF sizes one mask for all layers)
+        assert stats.real_tokens == 2 * budgets[layer] and stats.slots == max(budgets)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_streaming_llm_blocks_keep_sinks_and_the_newest_tokens():
+    model = tiny_model()
+    out = prefill(compiled(model, policy="streaming_llm", budget=24, sinks=4, prefill_block=16), model,
+                  torch.randint(1, 128, (1, 150)), logits_to_keep=1)
+    session = last_session()
+    for layer in (0, 1):
+        kept = sorted(session.layers[layer].pos[0, 0].tolist())
+        assert kept == [0, 1, 2, 3, *range(130, 150)]
+    assert int(session.layers[0].seen[0]) == 150
+    assert out.past_key_values.layers[0].keys.shape[2] == 24
+
+
+def test_observation_tokens_are_scored_from_but_never_stored():
+    model = tiny_model()
+    forward = compiled(model, policy="epicache", budget=24, prefill_block=16, window=6)
+    session_ids = torch.randint(1, 128, (6,))
+    ids = torch.randint(1, 128, (1, 100))
+    prefill(forward, model, ids[:, :20], logits_to_keep=1)  # compile; sets up the session
+    session = last_session()
+    session.observation_ids = session_ids
+    out = prefill(forward, model, ids, logits_to_keep=1)
+    pos = session.layers[0].pos
+    assert int(pos.max()) < 100 and int(session.layers[0].seen[0]) == 100
+    assert (pos >= 0).all()
+    assert torch.isnan(out.logits).all()  # the last position belongs to the observation prompt
+    # a different observation prompt changes what is kept
+    kept = pos.clone()
+    session.observation_ids = torch.flip(ids[0, 40:46], dims=[0])
+    prefill(forward, model, ids, logits_to_keep=1)
+    assert not torch.equal(kept, session.layers[0].pos)
+
+
+def test_static_prompt_longer_than_a_block_asks_for_dynamic_shapes():
+    model = tiny_model()
+    forward = compiled(model, dynamic=None, policy="snapkv", budget=24, prefill_block=16)
+    with pytest.raises(Exception, match="dynamic=True") as err:
+        prefill(forward, model, torch.randint(1, 128, (1, 40)))
+    assert "exactly 40 tokens" in str(err.value)
+    torch._dynamo.reset()
+    # a static prompt that fits one block is that block
+    out = prefill(compiled(model, dynamic=None, policy="snapkv", budget=24, prefill_block=64), model,
+                  torch.randint(1, 128, (1, 40)))
+    assert out.past_key_values.layers[0].keys.shape[2] == 24
+
+
+def test_block_prefill_without_positions_is_refused():
+    model = tiny_model()
+    forward = compiled(model, policy="snapkv", budget=24, prefill_block=16)
+    with pytest.raises(Exception, match="position_ids") as err:
+        forward(input_ids=torch.randint(1, 128, (1, 40)), past_key_values=DynamicCache(config=model.config))
+    assert isinstance(err.value.__cause__ or err.value, UnsupportedGraph | Exception)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"budget": 8, "prefill_block": 0}, "'prefill_block' must be a positive integer, got 0"),
+    ({"ratio": 0.5, "prefill_block": 16}, "needs a fixed 'budget'"),
+    ({"budget": 8, "episodes": 4}, "'episodes' \\(4\\) is EpiCache's"),
+    ({"policy": "epicache", "budget": 8, "prefill_block": 16, "episodes": 2.5}, "positive integer, got 2.5"),
+])
+def test_bad_block_options_are_refused_quoting_the_value(options, message):
+    with pytest.raises(ValueError, match=message):
+        kvpass.parse_options(options)

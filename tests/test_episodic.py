@@ -1,0 +1,73 @@
+"""Question-agnostic compression (compress once, answer later) and EpiCache's episodic caches."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from kvpass.episodic import EpisodicCache, answer, compress_context
+
+
+def compiled(model, **options):
+    options.setdefault("compiler", "aot_eager")
+    return torch.compile(model.forward, backend="kvpass", options=options, dynamic=True), options
+
+
+def test_compress_then_answer_equals_full_kv_greedy_when_the_budget_covers_everything():
+    ref_model, model = tiny_model(), tiny_model()
+    ids = torch.randint(1, 128, (1, 90), generator=torch.Generator().manual_seed(3))
+    context, question = ids[0, :80].tolist(), ids[0, 80:].tolist()
+    ref = ref_model.generate(ids, max_new_tokens=6, do_sample=False)[0, 90:].tolist()
+    forward, options = compiled(model, policy="snapkv", budget=128, prefill_block=16)
+    ctx = compress_context(forward, model, options, context)
+    assert answer(forward, model, options, ctx, question, 6) == ref
+    assert answer(forward, model, options, ctx, question, 6) == ref  # the compressed context is reusable
+
+
+def test_repeat_observation_compresses_to_the_budget_and_keeps_the_context_reusable():
+    model = tiny_model()
+    forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, window=16)
+    context = torch.randint(1, 128, (100,), generator=torch.Generator().manual_seed(4)).tolist()
+    ctx = compress_context(forward, model, options, context, observe="repeat")
+    assert ctx.cache.layers[0].keys.shape[2] == 24
+    assert all(int(state.pos.max()) < 100 and int(state.seen[0]) == 100 for state in ctx.layers.values())
+    first = answer(forward, model, options, ctx, [5, 6, 7], 4)
+    assert answer(forward, model, options, ctx, [5, 6, 7], 4) == first
+    with pytest.raises(ValueError, match="'repeat' or None, got 'again'"):
+        compress_context(forward, model, options, context, observe="again")
+
+
+def test_episodic_cache_builds_one_cache_per_episode_and_routes_questions():
+    model = tiny_model()
+    forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, window=8, episodes=2)
+    g = torch.Generator().manual_seed(5)
+    # two "topics": segments drawn from disjoint halves of the vocabulary
+    segments, context = [], []
+    for i in range(8):
+        low = 1 if i % 2 == 0 else 64
+        seg = torch.randint(low, low + 63, (12,), generator=g).tolist()
+        segments.append((len(context), len(context) + len(seg)))
+        context += seg
+    epi = EpisodicCache(forward, model, options)
+    epi.build(context, segments)
+    assert len(epi.contexts) == 2 and all(len(p) == 8 for p in epi.patched_prompts)
+    assert all(c.cache.layers[0].keys.shape[2] == 24 for c in epi.contexts)
+    assert not torch.equal(epi.contexts[0].layers[0].pos, epi.contexts[1].layers[0].pos)
+    low_topic, high_topic = epi.route(list(range(2, 20))), epi.route(list(range(70, 90)))
+    assert low_topic != high_topic
+    tokens, episode = epi.answer(list(range(70, 90)), 3)
+    assert episode == high_topic and len(tokens) == 3
+
+
+def test_episodic_cache_rejects_bad_input_quoting_it():
+    model = tiny_model()
+    forward, options = compiled(model, policy="snapkv", budget=24, prefill_block=16)
+    with pytest.raises(ValueError, match="policy 'epicache' and 'episodes'"):
+        EpisodicCache(forward, model, options)
+    forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, episodes=3)
+    epi = EpisodicCache(forward, model, options)
+    with pytest.raises(ValueError, match="2 segments cannot form 3 episodes"):
+        epi.build(list(range(1, 40)), [(0, 10), (10, 20)])
+    with pytest.raises(ValueError, match=r"segment \(30, 50\) is not a span of the 39-token context"):
+        epi.build(list(range(1, 40)), [(0, 10), (10, 20), (30, 50)])
+    with pytest.raises(RuntimeError, match="build\\(\\) must run"):
+        epi.route([1, 2])
