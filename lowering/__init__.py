@@ -5,6 +5,10 @@ small per step (decode) get the references *inlined* as AOTAutograd decompositio
 fuses the masking, scoring and compaction with the surrounding code instead of calling opaque ops
 (dozens of tiny eager kernels per layer); prefill graphs keep the opaque ops, whose references chunk
 the queries to bound memory. ``aot_eager`` compiles in seconds and is what most tests use.
+
+On CUDA the attention and compaction ops run the fused Triton kernels (``triton_lowering``): as the
+ops' CUDA implementations, and for Inductor as ``triton_op``s it schedules with the surrounding code.
+``KVPASS_REFERENCE=1`` forces the references on every device.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from collections.abc import Callable, Sequence
 
 import torch.fx as fx
 
-from kvpass.ops import REFERENCES
+from . import triton_lowering
+
+triton_lowering.register()
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, compiler: str, inline_ops: bool = False) -> Callable:
@@ -25,7 +31,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, compiler: str, i
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.decomposition import select_decomp_table
 
-        decompositions = {**select_decomp_table(), **REFERENCES} if inline_ops else None
+        table = triton_lowering.decompositions(example_inputs, inline_ops)
+        decompositions = {**select_decomp_table(), **table} if table is not None else None
         return compile_fx(gm, list(example_inputs), decompositions=decompositions)
     if compiler == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager

@@ -1,0 +1,277 @@
+"""``kvpass tune``: time every launch config of the kernels for the user's shapes, cache the fastest.
+
+The shapes come from a model config (a shipped model name, or a path to an HF ``config.json`` or its
+folder) or from explicit sizes; for a KV budget ``C`` and prefill block ``T`` the workloads are a
+block prefill (``T`` queries over ``C + T`` slots) and a decode step (1 query over ``C + 1`` slots),
+for the fused attention + scores kernel and the compaction kernel. Results go to the JSON cache of
+:mod:`kvpass.kernels.tuning` (keyed by kernel, shape bucket, device name and Triton version), which
+every kernel launch then reads automatically. ``--smoke`` runs the same pipeline on CPU in Triton's
+interpreter (tiny shapes, wall-clock timer) to check an install without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SMOKE_MAX_QUERIES = 8  # interpreter: ~0.3 ms per program and per block step, so smoke shapes stay tiny
+SMOKE_MAX_KEYS = 48
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_tune_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tune", help="autotune the Triton kernels for your shapes on this GPU (JSON cache used automatically)",
+        description="Time each kernel's launch configs for a model's shapes and write the fastest to the tune "
+        "cache, which kernel launches read automatically. --show prints the cache; --smoke runs on CPU.",
+    )
+    p.add_argument("--model", help="shipped model name or path to an HF config.json (or its folder)")
+    p.add_argument("--heads", type=_positive, help="query heads (instead of --model)")
+    p.add_argument("--kv-heads", type=_positive, help="key/value heads (default: --heads)")
+    p.add_argument("--head-dim", type=_positive, help="head dimension (instead of --model)")
+    p.add_argument("--budget", type=_positive, default=2048, help="KV slots kept per layer (default: %(default)s)")
+    p.add_argument("--block", type=_positive, default=512, help="prefill block length (default: %(default)s)")
+    p.add_argument("--batch", type=_positive, default=1, help="batch size (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="K/V dtype (default: %(default)s)")
+    p.add_argument("--kernels", default="attend_scores,compact",
+                   help="comma-separated kernels to tune (default: %(default)s)")
+    p.add_argument("--max-configs", type=_positive, help="time at most this many configs per shape")
+    p.add_argument("--cache", help="tune cache file (default: $KVPASS_TUNE_CACHE or ~/.cache/kvpass/tune.json)")
+    p.add_argument("--show", action="store_true", help="print the cache and exit")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU smoke run in Triton's interpreter: tiny shapes, wall-clock timer, few configs")
+    return p
+
+
+def model_shape(name_or_path: str) -> dict[str, int]:
+    """``{"heads", "kv_heads", "head_dim"}`` of a shipped model name or an HF config file/folder."""
+    from kvpass.models import MODELS
+
+    if name_or_path in MODELS:
+        from kvpass.models import load_tokenizer
+        from kvpass.models.loaders import converted_dir
+
+        path = converted_dir(name_or_path) / "config.json"
+        if not path.is_file():
+            load_tokenizer(name_or_path)  # converts the shipped GGUF once (cached), config included
+    else:
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--model {name_or_path!r} is neither a shipped model ({', '.join(sorted(MODELS))}) "
+                             f"nor an HF config file or folder (no {str(path)!r})")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--model: cannot read {str(path)!r} as JSON: {e}") from None
+    cfg = cfg.get("text_config", cfg)
+    try:
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--model: {str(path)!r} lacks attention sizes ({e!r}); pass --heads/--kv-heads/--head-dim "
+                         "instead") from None
+    return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def workloads(args: argparse.Namespace, sizes: dict[str, int]) -> list[tuple[str, dict[str, int]]]:
+    """(kernel, shape) pairs to tune: block prefill and decode for each requested kernel."""
+    heads, kv_heads, d = sizes["heads"], sizes["kv_heads"], sizes["head_dim"]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    if d > 256:
+        raise ValueError(f"head dim must be <= 256 for the kernels, got {d}")
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = sorted(set(kernels) - {"attend_scores", "compact"})
+    if unknown or not kernels:
+        raise ValueError(f"--kernels: unknown {unknown or kernels!r}; valid: attend_scores, compact")
+    budget, block = args.budget, args.block
+    if args.smoke:
+        block, budget = min(block, SMOKE_MAX_QUERIES), min(budget, SMOKE_MAX_KEYS - min(block, SMOKE_MAX_QUERIES))
+        group = min(heads // kv_heads, 4)
+        kv_heads = min(kv_heads, 2)
+        heads, d = group * kv_heads, min(d, 32)
+    out = []
+    for t in (block, 1):
+        shape = {"batch": args.batch, "heads": heads, "kv_heads": kv_heads, "head_dim": d, "t": t, "n": budget + t,
+                 "budget": budget}
+        out += [(k, shape) for k in kernels]
+    return out
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write the tune cache {str(path)!r}: {e.strerror or e}; pass a writable file with "
+                         "--cache or set $KVPASS_TUNE_CACHE") from None
+
+
+def _timer(smoke: bool) -> Callable[[Callable[[], object]], float]:
+    if not smoke:
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=10, rep=50))
+
+    def cpu_time(fn: Callable[[], object]) -> float:
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1000)
+        return statistics.median(runs)
+
+    return cpu_time
+
+
+def _make_call(kernel: str, shape: dict[str, int], dtype: torch.dtype, device: torch.device):
+    """(kernel module, fn(config) -> outputs, shape bucket, candidate configs, default config)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    b, hq, hkv, d, t, n = (shape[k] for k in ("batch", "heads", "kv_heads", "head_dim", "t", "n"))
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
+    k, v = rnd(b, hkv, n, d), rnd(b, hkv, n, d)
+    pos = torch.arange(n, device=device).expand(b, hkv, n).contiguous()
+    if kernel == "attend_scores":
+        from kvpass.kernels import attend_scores as mod
+
+        q = rnd(b, hq, t, d)
+        n_obs = min(t, 32)  # SnapKV-like observation window (H2O observes all: same kernels, more rows)
+        fn = lambda cfg: mod.attend_scores(q, k, v, pos, d**-0.5, n_obs, config=cfg)
+        args = (b, hkv, hq // hkv, t, n, d)
+        return mod, fn, mod.shape_bucket(q, k, n_obs), mod.configs_for(*args), mod.default_config(*args)
+    from kvpass.kernels import compact as mod
+
+    keep = torch.randn(b, hkv, n, generator=gen).to(device)
+    acc = torch.zeros(b, hkv, n, device=device)
+    budget = shape["budget"]
+    fn = lambda cfg: mod.compact(k, v, pos, keep, acc, budget, budget, config=cfg)
+    return mod, fn, mod.shape_bucket(k, budget), mod.configs_for(n, d), mod.default_config(n, d)
+
+
+def tune(args: argparse.Namespace, out=None) -> dict[str, dict]:
+    """Time the configs of each workload; returns the new cache entries (key → record)."""
+    out = out or sys.stdout
+    import triton
+    from tqdm import tqdm
+
+    from kvpass.kernels import tuning
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = DTYPES[args.dtype]
+    sizes = model_shape(args.model) if args.model else {
+        "heads": args.heads, "kv_heads": args.kv_heads or args.heads, "head_dim": args.head_dim}
+    jobs = workloads(args, sizes)
+    timer = _timer(args.smoke)
+    limit = args.max_configs or (2 if args.smoke else None)
+    device_name = tuning.device_name(device)
+    entries: dict[str, dict] = {}
+    plans = [(kernel, shape, *_make_call(kernel, shape, dtype, device)) for kernel, shape in jobs]
+    total = sum(len(([d] + [c for c in cs if c != d])[:limit]) for *_, cs, d in plans)
+    with tqdm(total=total, desc="kvpass tune", unit="config", file=sys.stderr, disable=None) as bar:
+        for kernel, shape, _mod, fn, bucket, candidates, default in plans:
+            configs = ([default] + [c for c in candidates if c != default])[:limit]
+            reference = fn(default)
+            results = []
+            for cfg in configs:
+                bar.set_postfix_str(f"{kernel} {bucket}")
+                try:
+                    got = fn(cfg)
+                    for a, r in zip(got, reference, strict=True):  # a config must not change the answer
+                        torch.testing.assert_close(a.float(), r.float(), atol=2e-2, rtol=2e-2)
+                    results.append((timer(lambda cfg=cfg, fn=fn: fn(cfg)), cfg))
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory on this GPU: skip the config
+                    print(f"  skipped {kernel} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=out)
+                bar.update(1)
+            if not results:
+                raise RuntimeError(f"kvpass tune: no config of {kernel} ran for shape {shape}")
+            best_ms, best = min(results, key=lambda r: r[0])
+            default_ms = next(ms for ms, cfg in results if cfg == default) if any(
+                cfg == default for _, cfg in results) else None
+            entries[tuning.entry_key(kernel, bucket, device_name)] = {
+                "kernel": kernel, "bucket": bucket, "device": device_name,
+                "triton": triton.__version__, "config": best, "ms": round(best_ms, 5),
+                "default_config": default, "default_ms": None if default_ms is None else round(default_ms, 5),
+                "configs_timed": len(results), "shape": shape, "dtype": args.dtype,
+                "date": datetime.date.today().isoformat(), "smoke": bool(args.smoke),
+            }
+    return entries
+
+
+def show(path: Path, out=None) -> int:
+    out = out or sys.stdout
+    from kvpass.kernels import tuning
+
+    entries = tuning.read_cache(path)
+    if not entries:
+        print(f"no tune cache entries at {str(path)!r} (run `kvpass tune`)", file=out)
+        return 0
+    print(f"tune cache {str(path)!r}: {len(entries)} entries", file=out)
+    print(f"{'kernel':<14} {'shape bucket':<34} {'device':<26} {'triton':<7} {'ms':>9} {'default ms':>10}  config",
+          file=out)
+    for key in sorted(entries):
+        e = entries[key]
+        kernel, bucket, device, version = key.split("|")
+        dflt = "-" if e.get("default_ms") is None else f"{e['default_ms']:.4f}"
+        cfg = " ".join(f"{k}={v}" for k, v in e["config"].items())
+        print(f"{kernel:<14} {bucket:<34} {device[:26]:<26} {version:<7} {e['ms']:>9.4f} {dflt:>10}  {cfg}", file=out)
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from_args = args.cache
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before kvpass.kernels is imported (decoration time)
+    from kvpass.kernels import tuning
+
+    path = tuning.cache_path(from_args)
+    try:
+        if args.show:
+            return show(path)
+        if not args.model and not (args.heads and args.head_dim):
+            raise ValueError("give --model NAME_OR_PATH, or --heads, --head-dim (and --kv-heads for GQA)")
+        if not args.smoke:
+            if not torch.cuda.is_available():
+                raise ValueError("no CUDA GPU found (torch.cuda.is_available() is False); run on a GPU machine, "
+                                 "or pass --smoke for a CPU smoke run in Triton's interpreter")
+        else:
+            from kvpass.kernels import attend_scores
+
+            attend_scores.check_device(torch.device("cpu"))
+        _check_writable(path)
+        entries = tune(args)
+        tuning.write_entries(entries, path)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"kvpass tune: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(entries)} entries to {str(path)!r}")
+    for e in entries.values():
+        gain = f", default {e['default_ms']:.4f} ms" if e["default_ms"] is not None else ""
+        print(f"  {e['kernel']:<14} {e['bucket']:<34} best {e['ms']:.4f} ms{gain}")
+    return 0
+
+
+__all__ = ["add_tune_parser", "model_shape", "run_tune", "show", "tune", "workloads"]
