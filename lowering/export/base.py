@@ -1,0 +1,113 @@
+"""What every export format declares, and the greedy generation loop shared by every loader."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+MANIFEST = "kvpass_export.json"
+
+
+class Runner(Protocol):
+    """A loaded artifact's two programs (see :mod:`kvpass.lowering.export.core` for the convention)."""
+
+    def prefill(self, ids: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, Any]:
+        """``ids``/``positions`` int64 ``[1, T]`` → (last-token logits ``[V]``, opaque state)."""
+
+    def decode(self, ids: np.ndarray, positions: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        """One token ``[1, 1]`` → (its logits ``[V]``, the next state)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFormat:
+    """One ``--format``: what it needs and supports, how to write it and (if it runs here) load it."""
+
+    name: str
+    description: str
+    requires: tuple[str, ...]        # Python modules the exporter (and loader) import
+    install: str                     # how to get them
+    dynamic_prompt: bool             # the prefill takes any prompt length (else: exactly --prompt-len)
+    keeps_kvpass_ops: bool           # the artifact calls kvpass::* ops (else: decomposed into ATen)
+    runnable: bool                   # kvpass.load can run it
+    write: Callable[..., list[str]]  # (programs, out_dir, progress) -> files written, relative to out_dir
+    load: Callable[[Path, dict], Runner] | None = None
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+
+class Progress:
+    """Step-by-step progress on stderr (tqdm); silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, disable=not enabled, desc="kvpass export", unit="step",
+                        bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+
+    def start(self, what: str) -> None:
+        self.bar.set_postfix_str(what)
+
+    def done(self) -> None:
+        self.bar.update(1)
+
+    def add(self, steps: int) -> None:
+        self.bar.total += steps
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class ExportedModel:
+    """A loaded artifact: greedy generation with the compressed KV store, no model code needed."""
+
+    def __init__(self, manifest: dict[str, Any], runner: Runner) -> None:
+        self.manifest = manifest
+        self.runner = runner
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"ExportedModel(format={m['format']!r}, model_type={m['model_type']!r}, policy={m['policy']}, "
+                f"budgets={m['budgets']})")
+
+    def generate(self, input_ids: Sequence[int] | Any, max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
+        """Greedy continuation (new token ids only) of one prompt (a list of ids, ``[T]`` or ``[1, T]``)."""
+        ids = np.asarray(input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids, dtype=np.int64)
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.ndim != 1:
+            raise ValueError(f"kvpass: generate takes one prompt ([T] or [1, T] token ids), got shape {ids.shape}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"kvpass: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        m = self.manifest
+        t = len(ids)
+        if m["prompt_len"] is not None and t != m["prompt_len"]:
+            raise ValueError(f"kvpass: this {m['format']} artifact was exported for prompts of exactly "
+                             f"{m['prompt_len']} tokens (--prompt-len), got {t}")
+        if m["prompt_len"] is None and not 2 <= t <= m["max_prompt"]:
+            raise ValueError(f"kvpass: prompt of {t} tokens; this artifact takes 2..{m['max_prompt']} tokens")
+        logits, state = self.runner.prefill(ids[None], np.arange(t, dtype=np.int64)[None])
+        out: list[int] = []
+        eos = set(m["eos_token_id"]) if stop_at_eos else set()
+        for step in range(max_new_tokens):
+            token = int(np.argmax(logits))
+            out.append(token)
+            if token in eos or step == max_new_tokens - 1:
+                break
+            logits, state = self.runner.decode(np.array([[token]], dtype=np.int64),
+                                               np.array([[t + step]], dtype=np.int64), state)
+        return out
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ValueError(f"kvpass: {str(path)!r} is not a kvpass export (no {MANIFEST} in it); "
+                         "create one with `kvpass export` / kvpass.export(...)")
+    return json.loads(file.read_text())

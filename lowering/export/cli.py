@@ -1,0 +1,51 @@
+"""``kvpass export MODEL --policy P --budget N --format F -o OUT``."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvpass.lowering.export import FORMATS, export, get_format
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    from kvpass.policies import POLICIES
+
+    p = subparsers.add_parser(
+        "export", help="export a compressed model (pt2, aoti, jax, tvm, mlir)",
+        description="torch.export the model's prefill and decode step with kvpass's KV compression compiled in, "
+        "and package them; `kvpass.load(OUT).generate(ids, n)` runs pt2/aoti/jax/tvm artifacts.",
+    )
+    p.add_argument("model", help="a local Hugging Face model directory, or a model kvpass ships (e.g. smollm2-135m)")
+    p.add_argument("--policy", default="snapkv", choices=sorted(POLICIES), help="eviction policy (%(default)s)")
+    p.add_argument("--budget", type=_positive, required=True, help="KV slots kept per layer")
+    p.add_argument("--format", default="pt2", choices=FORMATS, help="artifact format (%(default)s)")
+    p.add_argument("-o", "--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--prompt-len", type=_positive, help="export the prefill for exactly this many prompt tokens "
+                   "(required by jax, tvm, mlir: static shapes)")
+    p.add_argument("--max-prompt", type=_positive, help="longest prompt a dynamic-shape artifact takes "
+                   "(default: the model's max_position_embeddings)")
+    p.add_argument("--prefill-block", type=_positive, help="block-wise prefill (not yet supported by the exporters)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import os
+
+    out = export(args.model, args.out, format=args.format, policy=args.policy, budget=args.budget,
+                 prompt_len=args.prompt_len, max_prompt=args.max_prompt, prefill_block=args.prefill_block,
+                 overwrite=args.overwrite, progress=not args.quiet)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {out}{os.sep} ({get_format(args.format).description}; {size / 2**20:.1f} MiB)")
+    return 0
