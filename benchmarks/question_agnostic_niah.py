@@ -11,7 +11,7 @@ appended to the compressed cache and the answer decoded greedily. Methods:
 * ``episodic``: :class:`kvpass.episodic.EpisodicCache`, K-means episodes over sentence windows, the
   question routed to its episode's cache.
 
-    python benchmarks/question_agnostic_niah.py --lengths 1024,2048 --ratio 0.25 --methods full,snapkv-block,repeat-block
+    python benchmarks/question_agnostic_niah.py --lengths 1024 --methods repeat-block,snapkv-block --threads 1
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ def _sentence_segments(tokenizer, ids: list[int], per_segment: int = 3) -> list[
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
+def _needle_kept(ctx, span: list[int]) -> float:
+    """Fraction of the asked needle's tokens held, over every layer and kv-head of the compressed context."""
+    held = [torch.isin(torch.arange(*span), state.pos.reshape(-1, state.pos.shape[-1])[h]).float().mean()
+            for state in ctx.layers.values() for h in range(state.pos.shape[0] * state.pos.shape[1])]
+    return float(torch.stack(held).mean())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -51,6 +58,7 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.25, help="budget as a fraction of the context (0.25 = 4x)")
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--kernel-size", type=int, default=1, help="EpiCache: max-pool scores along keys")
     p.add_argument("--methods", default="full,snapkv-block,repeat-block")
     p.add_argument("--compiler", default="aot_eager")
     p.add_argument("--threads", type=int, default=2)
@@ -60,8 +68,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import kvpass.models
-    from kvpass.episodic import EpisodicCache, answer, compress_context
     from kvpass.models.data.niah import niah_samples
+
+    from kvpass.episodic import EpisodicCache, answer, compress_context
 
     model, tok = kvpass.models.load(args.model)
     stop = [tok.eos_token_id]
@@ -78,7 +87,7 @@ def main() -> None:
                 method, method.removesuffix("-block"))
             options = {"policy": policy, "budget": budget, "prefill_block": args.block, "compiler": args.compiler}
             if method == "repeat-block":
-                options["window"] = args.block
+                options.update(window=args.block, accumulate=True, kernel_size=args.kernel_size)
             if method == "episodic":
                 options["episodes"] = args.episodes
             forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
@@ -90,18 +99,21 @@ def main() -> None:
                 if method == "episodic":
                     epi = EpisodicCache(forward, model, options, seed=args.seed)
                     epi.build(context, _sentence_segments(tok, context))
-                    out, _ = epi.answer(q, 12, stop)
+                    out, episode = epi.answer(q, 12, stop)
+                    kept = _needle_kept(epi.contexts[episode], s.meta["needle_spans"][0])
                 else:
                     ctx = compress_context(forward, model, options, context,
                                            observe="repeat" if method == "repeat-block" else None)
+                    kept = _needle_kept(ctx, s.meta["needle_spans"][0])
                     out = answer(forward, model, options, ctx, q, 12, stop)
                 text = tok.decode(out, skip_special_tokens=True)
                 ok = s.is_correct(text)
                 correct += ok
                 rows.append({"method": method, "length": length, "depth": s.meta["depth"], "budget": budget,
-                             "answer": s.answers[0], "output": text, "correct": ok,
+                             "answer": s.answers[0], "output": text, "correct": ok, "needle_kept": kept,
                              "seconds": round(time.perf_counter() - t0, 1)})
                 print(f"{method:>14} {length:>5} depth {s.meta['depth']:.1f} budget {budget}: {text!r} "
+                      f"needle kept {kept:.2f} "
                       f"({'ok' if ok else 'wrong'}, want {s.answers[0]})", flush=True)
             print(f"== {method} {length}: {correct}/{len(cell)}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

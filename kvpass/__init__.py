@@ -6,10 +6,28 @@ that a policy evicts after each forward. See the README for options; :func:`expl
 :func:`kv_stats` show what was done.
 """
 
+import os
+from pathlib import Path
+from typing import Any
+
 from kvpass.analysis import UnsupportedGraph
 from kvpass.config import KVPassOptions, parse_options
 from kvpass.policies import POLICIES
 from kvpass.report import explain, kv_stats
 
 __version__ = "0.1.0"
-__all__ = ["POLICIES", "KVPassOptions", "UnsupportedGraph", "explain", "kv_stats", "parse_options"]
+__all__ = ["POLICIES", "KVPassOptions", "UnsupportedGraph", "explain", "export", "kv_stats", "load", "parse_options"]
+
+
+def export(model: Any, out: str | os.PathLike, **kwargs: Any) -> Path:
+    """Export a compressed model (see :func:`kvpass.lowering.export.export`)."""
+    from kvpass.lowering.export import export as _export
+
+    return _export(model, out, **kwargs)
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Load an exported artifact (see :func:`kvpass.lowering.export.load`)."""
+    from kvpass.lowering.export import load as _load
+
+    return _load(path)

@@ -1,4 +1,4 @@
-"""The ``kvpass`` command: ``kvpass demo`` (the main job) and ``kvpass eval`` (benchmark grids)."""
+"""The ``kvpass`` command: ``kvpass demo`` (the main job), ``kvpass eval`` (benchmark grids), ``kvpass tune``."""
 
 from __future__ import annotations
 
@@ -99,11 +99,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from kvpass.eval.cli import add_eval_parser, run_eval
+    from kvpass.lowering.export.cli import add_export_parser, run_export
+    from kvpass.tune import add_tune_parser, run_tune
 
     parser = argparse.ArgumentParser(prog="kvpass", description="KV-cache compression compiled into the model")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub).set_defaults(handler=run_demo)
     add_eval_parser(sub).set_defaults(handler=run_eval)
+    add_export_parser(sub).set_defaults(handler=run_export)
+    add_tune_parser(sub).set_defaults(handler=run_tune)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -56,7 +56,7 @@ class KVPassOptions:
         return self.policy.layer_budget(total, layer, n_layers)
 
 
-_POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta"}
+_POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate"}
 VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
               *sorted(_POLICY_KEYS))
 

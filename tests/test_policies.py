@@ -132,6 +132,19 @@ def test_epicache_keeps_what_any_observation_query_of_the_group_attends_to_most(
         assert_top(kept[h], scores[h], budget)
 
 
+def test_epicache_blocks_rescore_from_scratch_unless_accumulating():
+    obs = torch.tensor([[[0.1, 0.5, 0.2, 0.2]] * HQ])  # [1, H_q, N]: what this block's observers saw
+    acc = torch.tensor([[[0.9, 0.0, 0.0, 0.0]] * HKV])  # slot 0 scored high in an earlier block
+    pos = torch.arange(4).expand(1, HKV, 4)
+    keys = torch.zeros(1, HKV, 4, D)
+    fresh, _ = EpiCache(window=2).score(obs, keys, pos, acc, 20, 2)
+    kept, _ = EpiCache(window=2, accumulate=True).score(obs, keys, pos, acc, 20, 2)
+    assert fresh[0, 0].tolist() == pytest.approx([0.1, 0.5, 0.2, 0.2])
+    assert kept[0, 0].tolist() == pytest.approx([0.9, 0.5, 0.2, 0.2])
+    with pytest.raises(ValueError, match="'accumulate' of policy 'epicache' must be True or False, got 1"):
+        make_policy("epicache", accumulate=1)
+
+
 def test_tova_keeps_what_the_last_query_attends_to_averaged_over_heads(qk):
     q, k = qk
     kept, _ = kept_by_kvpass(TOVA(), q, k, budget=10)

@@ -35,6 +35,10 @@ def make_policy(name: str, **params: Any) -> Policy:
             )
         if key == "pooling":
             continue
+        if key == "accumulate":
+            if not isinstance(value, bool):
+                raise ValueError(f"kvpass: option 'accumulate' of policy {name!r} must be True or False, got {value!r}")
+            continue
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"kvpass: option {key!r} of policy {name!r} must be an int >= 0, got {value!r}")
     return cls(**params)
