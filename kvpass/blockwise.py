@@ -83,6 +83,7 @@ class BlockwiseRunner:
         self.n_outputs = n_outputs
         self.store_outputs = store_outputs  # layer -> output indices of its keys and values store
         self.blocks_run = 0
+        self._boxed: Callable | bool | None = None  # resolved on the first call
 
     def __call__(self, *args) -> list:
         layout = self.layout
@@ -128,8 +129,9 @@ class BlockwiseRunner:
             block_valid = valid[:, i * block : (i + 1) * block].contiguous()
             if n_obs:
                 block_valid = torch.nn.functional.pad(block_valid, (0, n_obs), value=False)
-            outs = self.compiled(*call, *stores, block_valid, observe, *state)
-            del call
+            inputs = [*call, *stores, block_valid, observe, *state]
+            call = stores = state = x = None  # drop our references: the graph frees the old stores
+            outs = self._call(inputs)
             for j, d in layout.token_outputs.items():
                 pieces[j].append(outs[j].narrow(d, 0, block))
             stores, state = [], list(outs[self.n_outputs :])
@@ -150,6 +152,37 @@ class BlockwiseRunner:
                     outs[j] = torch.full_like(x, float("nan"))
         self.session.update(self.plans, outs, self.n_outputs, {k: ks for k, (ks, _) in self.store_outputs.items()})
         return outs[: self.n_outputs]
+
+
+    def _call(self, inputs: list) -> list:
+        """Run the block graph; through the boxed convention when available, so the compiled code frees each
+        previous store right after its layer reads it instead of keeping all of them alive until the block ends."""
+        if self._boxed is None:
+            self._boxed = _boxed_runtime(self.compiled) or False
+        if self._boxed:
+            return self._boxed(inputs)  # clears ``inputs``
+        return self.compiled(*inputs)
+
+
+def _boxed_runtime(compiled: Callable) -> Callable | None:
+    """AOTAutograd's boxed runtime function under ``compiled``, if it prepends no lifted parameters.
+
+    ``aot_module_simplified`` returns an unboxed ``forward(*args)`` (``__wrapped__`` chain) that copies the
+    arguments into a list for a boxed ``compiled_fn``; Dynamo graphs take their parameters as inputs, so
+    nothing is prepended and the boxed function can be called directly (under Dynamo's disable context, as
+    the wrapper does).
+    """
+    fn = compiled
+    while fn is not None:
+        code = getattr(fn, "__code__", None)
+        if code is not None and {"compiled_fn", "params_buffers_flat"} <= set(code.co_freevars):
+            cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__), strict=True))
+            inner = cells["compiled_fn"]
+            if cells["params_buffers_flat"] or not getattr(inner, "_boxed_call", False):
+                return None
+            return torch._dynamo.disable(inner, reason="kvpass block graph runtime")
+        fn = getattr(fn, "__wrapped__", None)
+    return None
 
 
 def _seq_dims(value: torch.Tensor, seq) -> list[int]:

@@ -18,8 +18,10 @@ from torch import Tensor
 
 from kvpass.policies import policy_from_spec
 
-# Query rows processed at once by the reference attention: bounds its [rows, N] temporaries.
+# Query rows processed at once by the reference attention: bounds its [rows, N] temporaries (at most
+# _QUERY_CHUNK rows, and about _CHUNK_ELEMENTS weights per kv head, so a long store shrinks the chunk).
 _QUERY_CHUNK = 512
+_CHUNK_ELEMENTS = 2**20
 
 
 def extend_meta_reference(pos: Tensor, acc: Tensor, seen: Tensor, new_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,7 +93,8 @@ def attend_reference(
     obs = torch.zeros(b, hkv, group, n if n_obs > 0 else 0, dtype=torch.float32, device=q.device)
     first_obs = t - n_obs
     # chunks never straddle first_obs: only observed queries take the explicit-weights path
-    bounds = [*range(0, first_obs, _QUERY_CHUNK), *range(first_obs, t, _QUERY_CHUNK), t]
+    rows = max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // (group * n))) if isinstance(n, int) else _QUERY_CHUNK
+    bounds = [*range(0, first_obs, rows), *range(first_obs, t, rows), t]
     if n == t and window == 0 and first_obs > 0 and not torch.compiler.is_compiling() and bool((pos >= 0).all()):
         # a prefill with no padding is plain causal attention: one fused SDPA call for the unobserved
         # queries (HF's own kernel) instead of masked chunks
@@ -99,7 +102,7 @@ def attend_reference(
             q[:, :, :first_obs], k[:, :, :first_obs], v[:, :, :first_obs], is_causal=True, scale=scale,
             enable_gqa=True)
         chunks.append(head.reshape(b, hkv, group, first_obs, d))
-        bounds = [*range(first_obs, t, _QUERY_CHUNK), t]
+        bounds = [*range(first_obs, t, rows), t]
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):  # functional: also serves as a decomposition
         rows = slice(start, stop)
         r = rows.stop - rows.start
