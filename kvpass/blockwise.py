@@ -82,7 +82,6 @@ class BlockwiseRunner:
         self.session = session
         self.n_outputs = n_outputs
         self.store_outputs = store_outputs  # layer -> output indices of its keys and values store
-        self.blocks_run = 0
         self._boxed: Callable | bool | None = None  # resolved on the first call
 
     def __call__(self, *args) -> list:
@@ -138,7 +137,6 @@ class BlockwiseRunner:
             for plan in self.plans:
                 k_index, v_index = self.store_outputs[plan.layer]
                 stores += [outs[k_index], outs[v_index]]
-            self.blocks_run += 1
         outs = list(outs)
         for j, d in layout.token_outputs.items():
             whole = torch.cat(pieces[j], dim=d) if len(pieces[j]) > 1 else pieces[j][0]

@@ -12,7 +12,8 @@ from kvpass.config import COMPILERS, parse_options
 from kvpass.policies import POLICIES
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of every ``kvpass`` subcommand's count/size flags."""
     try:
         value = int(text)
     except ValueError:
@@ -32,9 +33,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="shipped model (%(default)s)")
     p.add_argument("--policy", default="snapkv", choices=sorted(POLICIES), help="eviction policy (%(default)s)")
-    p.add_argument("--budget", type=_positive, default=512, help="KV slots kept per layer (%(default)s)")
-    p.add_argument("--context", type=_positive, default=2048, help="prompt length in tokens (%(default)s)")
-    p.add_argument("--new-tokens", type=_positive, default=16, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--budget", type=positive_int, default=512, help="KV slots kept per layer (%(default)s)")
+    p.add_argument("--context", type=positive_int, default=2048, help="prompt length in tokens (%(default)s)")
+    p.add_argument("--new-tokens", type=positive_int, default=16, help="tokens to generate (default: %(default)s)")
     p.add_argument("--compiler", default="inductor", choices=COMPILERS, help="graph compiler (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="needle and haystack seed (default: %(default)s)")
     return p

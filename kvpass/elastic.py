@@ -33,7 +33,7 @@ import time
 import torch
 import torch.fx as fx
 
-from kvpass.models.llada_generate import commit_confident
+from kvpass.models.llada_generate import commit_confident, masked_canvas
 from kvpass.passes.refresh_dllm_kv import ElasticProgram, RefreshDLLMKV
 
 BOUNDARIES = ("fresh", "cached")
@@ -137,8 +137,7 @@ class ElasticCacheGenerator:
         n_layers, w = self.n_layers, cfg.window
         plen = prompt.shape[1]
         n = plen + gen_length
-        x = torch.full((1, n), mcfg.mask_token_id, dtype=torch.long)
-        x[:, :plen] = prompt
+        x = masked_canvas(prompt, gen_length, mcfg.mask_token_id)
         all_pos = torch.arange(n)
         masked = torch.arange(plen, n)
         n_track = n_layers * cfg.track_num

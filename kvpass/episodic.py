@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kvpass.config import parse_options
+from kvpass.eval.runner import greedy_generate
 from kvpass.session import LayerState, Session, session_for
 
 
@@ -69,21 +70,9 @@ def answer(forward, model: torch.nn.Module, options: dict, context: CompressedCo
     session.layers = dict(context.layers)
     cache = copy.copy(context.cache)
     cache.layers = [copy.copy(layer) for layer in context.cache.layers]
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(question_ids)], device=device)
-    start = context.length
-    generated: list[int] = []
-    while len(generated) < max_new_tokens:
-        pos = torch.arange(start, start + ids.shape[1], device=device)[None]
-        out = forward(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        start += ids.shape[1]
-        nxt = int(out.logits[0, -1].argmax())
-        generated.append(nxt)
-        if nxt in stop_ids:
-            break
-        ids = torch.tensor([[nxt]], device=device)
-    return generated
+    generation = greedy_generate(forward, model, question_ids, max_new_tokens, stop_ids, cache=cache,
+                                 start=context.length)
+    return list(generation.token_ids)
 
 
 class EpisodicCache:

@@ -23,19 +23,11 @@ from pathlib import Path
 
 import torch
 
+from kvpass.cli import positive_int
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SMOKE_MAX_QUERIES = 8  # interpreter: ~0.3 ms per program and per block step, so smoke shapes stay tiny
 SMOKE_MAX_KEYS = 48
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_tune_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,16 +37,16 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
         "cache, which kernel launches read automatically. --show prints the cache; --smoke runs on CPU.",
     )
     p.add_argument("--model", help="shipped model name or path to an HF config.json (or its folder)")
-    p.add_argument("--heads", type=_positive, help="query heads (instead of --model)")
-    p.add_argument("--kv-heads", type=_positive, help="key/value heads (default: --heads)")
-    p.add_argument("--head-dim", type=_positive, help="head dimension (instead of --model)")
-    p.add_argument("--budget", type=_positive, default=2048, help="KV slots kept per layer (default: %(default)s)")
-    p.add_argument("--block", type=_positive, default=512, help="prefill block length (default: %(default)s)")
-    p.add_argument("--batch", type=_positive, default=1, help="batch size (default: %(default)s)")
+    p.add_argument("--heads", type=positive_int, help="query heads (instead of --model)")
+    p.add_argument("--kv-heads", type=positive_int, help="key/value heads (default: --heads)")
+    p.add_argument("--head-dim", type=positive_int, help="head dimension (instead of --model)")
+    p.add_argument("--budget", type=positive_int, default=2048, help="KV slots kept per layer (default: %(default)s)")
+    p.add_argument("--block", type=positive_int, default=512, help="prefill block length (default: %(default)s)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="K/V dtype (default: %(default)s)")
     p.add_argument("--kernels", default="attend_scores,compact",
                    help="comma-separated kernels to tune (default: %(default)s)")
-    p.add_argument("--max-configs", type=_positive, help="time at most this many configs per shape")
+    p.add_argument("--max-configs", type=positive_int, help="time at most this many configs per shape")
     p.add_argument("--cache", help="tune cache file (default: $KVPASS_TUNE_CACHE or ~/.cache/kvpass/tune.json)")
     p.add_argument("--show", action="store_true", help="print the cache and exit")
     p.add_argument("--smoke", action="store_true",

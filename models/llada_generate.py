@@ -41,6 +41,25 @@ def _check(prompt: torch.Tensor, gen_length: int, block_length: int) -> None:
         raise ValueError(f"gen_length={gen_length} must be a positive multiple of block_length={block_length}")
 
 
+def masked_canvas(prompt: torch.Tensor, gen_length: int, mask_token_id: int) -> torch.Tensor:
+    """``[B, prompt + gen_length]``: the prompt followed by ``gen_length`` mask tokens."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_token_id, dtype=torch.long,
+                   device=prompt.device)
+    x[:, : prompt.shape[1]] = prompt
+    return x
+
+
+def _block_schedule(prompt: torch.Tensor, gen_length: int, block_length: int, steps: int | None,
+                    threshold: float | None) -> tuple[int, int]:
+    """Validate a block decoding's settings; return ``(blocks, steps)``."""
+    _check(prompt, gen_length, block_length)
+    n_blocks = gen_length // block_length
+    steps = gen_length if steps is None else steps
+    if threshold is None and (steps <= 0 or steps % n_blocks):
+        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks})")
+    return n_blocks, steps
+
+
 def num_transfer_tokens(block_masks: torch.Tensor, steps: int) -> torch.Tensor:
     """LLaDA's schedule: split each row's masked count evenly over ``steps`` (remainder first)."""
     count = block_masks.sum(dim=1, keepdim=True)
@@ -81,15 +100,10 @@ def select_transfer(logits: torch.Tensor, x: torch.Tensor, candidates: torch.Ten
 def generate_llada(model: LLaDAModelLM, prompt: torch.Tensor, gen_length: int = 256, block_length: int = 32,
                    steps: int | None = None, threshold: float | None = None) -> GenerationResult:
     """No-cache block decoding; ``steps`` (default ``gen_length``) or ``threshold`` decides how many to unmask."""
-    _check(prompt, gen_length, block_length)
+    n_blocks, steps = _block_schedule(prompt, gen_length, block_length, steps, threshold)
     cfg = model.config
-    n_blocks = gen_length // block_length
-    steps = gen_length if steps is None else steps
-    if threshold is None and (steps <= 0 or steps % n_blocks):
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks})")
-    b, plen = prompt.shape
-    x = torch.full((b, plen + gen_length), cfg.mask_token_id, dtype=torch.long, device=prompt.device)
-    x[:, :plen] = prompt
+    plen = prompt.shape[1]
+    x = masked_canvas(prompt, gen_length, cfg.mask_token_id)
     n, layers, nfe, total_steps = x.shape[1], cfg.num_hidden_layers, 0, 0
     for blk in range(n_blocks):
         lo, hi = plen + blk * block_length, plen + (blk + 1) * block_length
@@ -116,15 +130,10 @@ def generate_llada(model: LLaDAModelLM, prompt: torch.Tensor, gen_length: int = 
 def generate_dual_cache(model: LLaDAModelLM, prompt: torch.Tensor, gen_length: int = 256, block_length: int = 32,
                         steps: int | None = None, threshold: float | None = 0.9) -> GenerationResult:
     """Fast-dLLM dual cache: a full forward per block refreshes every KV; in-block steps run the block only."""
-    _check(prompt, gen_length, block_length)
+    n_blocks, steps = _block_schedule(prompt, gen_length, block_length, steps, threshold)
     cfg = model.config
-    n_blocks = gen_length // block_length
-    steps = gen_length if steps is None else steps
-    if threshold is None and (steps <= 0 or steps % n_blocks):
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks ({n_blocks})")
     b, plen = prompt.shape
-    x = torch.full((b, plen + gen_length), cfg.mask_token_id, dtype=torch.long, device=prompt.device)
-    x[:, :plen] = prompt
+    x = masked_canvas(prompt, gen_length, cfg.mask_token_id)
     n, layers = x.shape[1], cfg.num_hidden_layers
     all_pos = torch.arange(n, device=x.device)
     cache = model.new_kv_cache(b, n)
@@ -187,8 +196,7 @@ def generate_window(model: LLaDAModelLM, prompt: torch.Tensor, gen_length: int =
         raise ValueError(f"window={window} and gen_length={gen_length} must be positive")
     cfg = model.config
     plen = prompt.shape[1]
-    x = torch.full((1, plen + gen_length), cfg.mask_token_id, dtype=torch.long, device=prompt.device)
-    x[:, :plen] = prompt
+    x = masked_canvas(prompt, gen_length, cfg.mask_token_id)
     masked = torch.arange(plen, plen + gen_length, device=x.device)
     n, layers, nfe = x.shape[1], cfg.num_hidden_layers, 0
     eos_seen = False

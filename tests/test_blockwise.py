@@ -133,6 +133,9 @@ def test_block_prefill_without_positions_is_refused():
     ({"ratio": 0.5, "prefill_block": 16}, "needs a fixed 'budget'"),
     ({"budget": 8, "episodes": 4}, "'episodes' \\(4\\) is EpiCache's"),
     ({"policy": "epicache", "budget": 8, "prefill_block": 16, "episodes": 2.5}, "positive integer, got 2.5"),
+    ({"policy": "epicache", "budget": 8, "window": 0}, "'window' must be >= 1, got 0"),
+    ({"policy": "epicache", "budget": 8, "kernel_size": 4}, "'kernel_size' must be odd, got 4"),
+    ({"policy": "epicache", "budget": 8, "accumulate": "yes"}, "must be True or False, got 'yes'"),
 ])
 def test_bad_block_options_are_refused_quoting_the_value(options, message):
     with pytest.raises(ValueError, match=message):

@@ -24,6 +24,13 @@ def test_allocation_favours_sensitive_layers_keeps_the_floor_and_the_total():
         allocate_layer_budgets([0.5], budget=0)
 
 
+def test_profile_settings_are_checked_quoting_them():
+    with pytest.raises(ValueError, match="overlap_ratio=1.5"):
+        key_similarity(tiny_model(), [1, 2, 3], block=16, overlap_ratio=1.5)
+    with pytest.raises(ValueError, match="block=0"):
+        key_similarity(tiny_model(), [1, 2, 3], block=0)
+
+
 def test_profile_is_measured_once_and_cached(tmp_path):
     model = tiny_model(layers=3)
     ids = torch.randint(1, 128, (120,), generator=torch.Generator().manual_seed(2)).tolist()

@@ -121,14 +121,20 @@ def greedy_generate(
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     stop_ids: Sequence[int] = (),
+    cache: Any = None,
+    start: int = 0,
 ) -> Generation:
-    """Greedy decoding of up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1)."""
+    """Greedy decoding of up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
+
+    ``cache``/``start``: continue a cache that already holds ``start`` tokens (positions go on from there);
+    default a fresh cache.
+    """
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    cache = new_cache(model)
+    cache = new_cache(model) if cache is None else cache
     _sync(device)
     t0 = time.perf_counter()
-    out = forward(input_ids=ids, position_ids=_positions(0, ids.shape[1], device), past_key_values=cache,
+    out = forward(input_ids=ids, position_ids=_positions(start, ids.shape[1], device), past_key_values=cache,
                   use_cache=True, logits_to_keep=1)  # fmt: skip
     nxt = out.logits[:, -1].argmax(-1)
     _sync(device)
@@ -139,7 +145,7 @@ def greedy_generate(
     t1 = time.perf_counter()
     steps = 0
     while len(generated) < max_new_tokens and generated[-1] not in stop_ids:
-        pos = _positions(len(prompt_ids) + len(generated) - 1, 1, device)
+        pos = _positions(start + len(prompt_ids) + len(generated) - 1, 1, device)
         out = forward(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values if out.past_key_values is not None else cache
         nxt = out.logits[:, -1].argmax(-1)

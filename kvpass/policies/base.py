@@ -62,6 +62,14 @@ class Policy:
         return json.dumps({"name": self.name, **dataclasses.asdict(self)}, sort_keys=True)
 
 
+def check_window_and_kernel(window: int, kernel_size: int) -> None:
+    """Observation-window policies: ``window >= 1`` queries, an odd pooling ``kernel_size`` (centred)."""
+    if window < 1:
+        raise ValueError(f"kvpass: option 'window' must be >= 1, got {window!r}")
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kvpass: option 'kernel_size' must be odd, got {kernel_size!r}")
+
+
 def group_mean(obs: Tensor, n_kv_heads: int) -> Tensor:
     """Average ``[B, H_q, N]`` over each GQA group → ``[B, H_kv, N]``."""
     b, hq, n = obs.shape

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvpass.policies.base import Policy, protect, recent_mask
+from kvpass.policies.base import Policy, check_window_and_kernel, protect, recent_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,7 @@ class EpiCache(Policy):
     obs_reduce = "max"
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ValueError(f"kvpass: option 'window' must be >= 1, got {self.window!r}")
-        if self.kernel_size % 2 != 1:
-            raise ValueError(f"kvpass: option 'kernel_size' must be odd, got {self.kernel_size!r}")
+        check_window_and_kernel(self.window, self.kernel_size)
 
     def n_obs(self, n_new: int) -> int:
         return torch.sym_min(self.window, n_new)

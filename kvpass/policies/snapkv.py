@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvpass.policies.base import Policy, group_mean, protect, recent_mask
+from kvpass.policies.base import Policy, check_window_and_kernel, group_mean, protect, recent_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +30,7 @@ class SnapKV(Policy):
     def __post_init__(self) -> None:
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"kvpass: option 'pooling' must be 'avg' or 'max', got {self.pooling!r}")
-        if self.window < 1:
-            raise ValueError(f"kvpass: option 'window' must be >= 1, got {self.window!r}")
-        if self.kernel_size % 2 != 1:
-            raise ValueError(f"kvpass: option 'kernel_size' must be odd, got {self.kernel_size!r}")
+        check_window_and_kernel(self.window, self.kernel_size)
 
     def n_obs(self, n_new: int) -> int:
         return torch.sym_min(self.window, n_new)

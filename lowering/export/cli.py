@@ -6,15 +6,7 @@ import argparse
 
 from kvpass.lowering.export import FORMATS, export, get_format
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from kvpass.cli import positive_int
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,14 +19,14 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="a local Hugging Face model directory, or a model kvpass ships (e.g. smollm2-135m)")
     p.add_argument("--policy", default="snapkv", choices=sorted(POLICIES), help="eviction policy (%(default)s)")
-    p.add_argument("--budget", type=_positive, required=True, help="KV slots kept per layer")
+    p.add_argument("--budget", type=positive_int, required=True, help="KV slots kept per layer")
     p.add_argument("--format", default="pt2", choices=FORMATS, help="artifact format (%(default)s)")
     p.add_argument("-o", "--out", required=True, help="output directory (must not exist, or be empty)")
-    p.add_argument("--prompt-len", type=_positive, help="export the prefill for exactly this many prompt tokens "
+    p.add_argument("--prompt-len", type=positive_int, help="export the prefill for exactly this many prompt tokens "
                    "(required by jax, tvm, mlir: static shapes)")
-    p.add_argument("--max-prompt", type=_positive, help="longest prompt a dynamic-shape artifact takes "
+    p.add_argument("--max-prompt", type=positive_int, help="longest prompt a dynamic-shape artifact takes "
                    "(default: the model's max_position_embeddings)")
-    p.add_argument("--prefill-block", type=_positive, help="block-wise prefill (not yet supported by the exporters)")
+    p.add_argument("--prefill-block", type=positive_int, help="block-wise prefill (not yet supported by the exporters)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
