@@ -10,10 +10,10 @@ import torch
 import torch.fx as fx
 
 from kvpass.analysis import UnsupportedGraph, find_attention_sites, node_value
-from kvpass.blockwise import BlockLayout, BlockwiseRunner
+from kvpass.blockwise import BlockwiseRunner, rewrite_blocks
 from kvpass.config import parse_options
-from kvpass.lowering import compile_graph
-from kvpass.passes import BlockwisePrefill, InsertKVEviction
+from kvpass.lowering import compile_graph, triton_lowering
+from kvpass.passes import InsertKVEviction
 from kvpass.session import GraphRecord, session_for
 
 
@@ -34,7 +34,7 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
             raise
         warnings.warn(f"{err}\nkvpass: fallback=True, compiling this graph WITHOUT KV compression",
                       stacklevel=2)
-        return compile_graph(gm, example_inputs, opts.compiler)
+        return _compile(gm, example_inputs, opts)
     if any(site.past_keys is not None for site in sites) and not any(
         n.op == "placeholder" and ("position_ids" in n.name or "cache_position" in n.name) for n in gm.graph.nodes
     ):
@@ -65,7 +65,7 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
     # inline the op references only where the step's query count is static (a decode step): the references
     # chunk queries with Python ranges, which a symbolic count cannot drive
     static_step = isinstance(node_value(sites[0].q).shape[2], int)
-    compiled = compile_graph(gm, [*example_inputs, *state_examples], opts.compiler, inline_ops=decode and static_step)
+    compiled = _compile(gm, [*example_inputs, *state_examples], opts, inline_ops=decode and static_step)
     if not decode:
         session.prefill_budgets = {p.layer: (p.budget, p.capacity) for p in plans}
     session.graphs.append(GraphRecord("decode" if decode else "prefill", [s.describe() for s in sites],
@@ -89,15 +89,8 @@ def _blockwise(opts, sites) -> bool:
 
 def _compile_blockwise(gm: fx.GraphModule, example_inputs: list, sites, opts, session) -> Callable:
     """Rewrite a dynamic prefill graph into one block graph and run it block by block."""
-    seq = BlockwisePrefill.prompt_symbol(sites)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    n_outputs = len(gm.graph.output_node().args[0])
-    rewrite = InsertKVEviction(opts)
-    capacities = {site.layer: rewrite.budget(site, len(sites), seq, False)[1] for site in sites}
-    to_blocks = BlockwisePrefill(capacities)
-    block = to_blocks(gm.graph, sites)
-    plans = rewrite(gm.graph, sites, block)
-    layout = BlockLayout.of(placeholders, list(gm.graph.output_node().args[0][:n_outputs]), block, plans)
+    rewritten = rewrite_blocks(gm.graph, sites, opts)
+    block, plans, n_outputs = rewritten.block, rewritten.plans, rewritten.n_outputs
     gm.recompile()
     store_outputs = _store_outputs(gm, plans, n_outputs)
     examples = [*example_inputs]
@@ -111,11 +104,16 @@ def _compile_blockwise(gm: fx.GraphModule, example_inputs: list, sites, opts, se
             examples += [k.new_zeros(b, h, c, dtype=torch.int64), k.new_zeros(b, h, c, dtype=torch.float32),
                          k.new_zeros(b, dtype=torch.int64)]
     _detach_outputs(gm)
-    compiled = compile_graph(gm, examples, opts.compiler)
-    counters = {**rewrite.counters, **to_blocks.counters}
+    compiled = _compile(gm, examples, opts)
     session.graphs.append(GraphRecord("prefill-block", [s.describe() for s in sites], [p.budget for p in plans],
-                                      counters))
-    return BlockwiseRunner(compiled, layout, plans, opts.prefill_block, session, n_outputs, store_outputs)
+                                      rewritten.counters))
+    return BlockwiseRunner(compiled, rewritten.layout, plans, opts.prefill_block, session, n_outputs, store_outputs)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list, opts, inline_ops: bool = False) -> Callable:
+    """``compile_graph`` under the option ``reference_kernels``: references forced while compiling and running."""
+    return triton_lowering.compiled_with_reference(
+        opts.reference_kernels, lambda: compile_graph(gm, example_inputs, opts.compiler, inline_ops))
 
 
 def _store_outputs(gm: fx.GraphModule, plans, n_outputs: int) -> dict[int, tuple[int, int]]:

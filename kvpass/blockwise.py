@@ -11,13 +11,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
-from kvpass.analysis import UnsupportedGraph, node_value
-from kvpass.passes import BlockInputs, LayerPlan
+from kvpass.analysis import AttentionSite, UnsupportedGraph, node_value
+from kvpass.passes import BlockInputs, BlockwisePrefill, InsertKVEviction, LayerPlan
 from kvpass.session import Session
+
+if TYPE_CHECKING:
+    from kvpass.config import KVPassOptions
+
+
+def split_prompt(length: int, block: int) -> tuple[int, int]:
+    """(number of blocks, left padding) of a ``length``-token prompt prefilled in blocks of ``block`` tokens:
+    every block full, the padding in front of the first one, the last block ending on the last token."""
+    n_blocks = max(1, math.ceil(length / block))
+    return n_blocks, n_blocks * block - length
 
 
 @dataclasses.dataclass
@@ -70,6 +81,33 @@ class BlockLayout:
         return cls(tokens, seq_inputs, token_outputs, stores)
 
 
+@dataclasses.dataclass
+class BlockRewrite:
+    """What :func:`rewrite_blocks` made of a prefill graph."""
+
+    block: BlockInputs
+    plans: list[LayerPlan]
+    layout: BlockLayout
+    n_outputs: int               # the graph's outputs before the rewrite (the state outputs follow them)
+    counters: dict[str, int]     # both passes' counters
+
+
+def rewrite_blocks(graph: fx.Graph, sites: list[AttentionSite], options: KVPassOptions) -> BlockRewrite:
+    """Rewrite a dynamic-length prefill ``graph`` (in place) into the block graph: :class:`BlockwisePrefill`
+    with the capacities :class:`InsertKVEviction` gives each layer, then ``InsertKVEviction`` with the block
+    inputs. Its inputs: the graph's own, the stores ``k_0, v_0, ...``, ``valid``, ``observe``, then the store
+    metadata ``pos_0, acc_0, seen_0, ...``. Shared by the backend's block-wise prefill and ``kvpass export``."""
+    seq = BlockwisePrefill.prompt_symbol(sites)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    n_outputs = len(graph.output_node().args[0])
+    rewrite = InsertKVEviction(options)
+    to_blocks = BlockwisePrefill({site.layer: rewrite.budget(site, len(sites), seq, False)[1] for site in sites})
+    block = to_blocks(graph, sites)
+    plans = rewrite(graph, sites, block)
+    layout = BlockLayout.of(placeholders, list(graph.output_node().args[0][:n_outputs]), block, plans)
+    return BlockRewrite(block, plans, layout, n_outputs, {**rewrite.counters, **to_blocks.counters})
+
+
 class BlockwiseRunner:
     """Call a compiled block graph once per block, threading the stores and their metadata."""
 
@@ -90,8 +128,7 @@ class BlockwiseRunner:
         b, t = first.shape[0], first.shape[layout.tokens[0].dim]
         device = first.device
         block = self.block_size
-        n_blocks = max(1, math.ceil(t / block))
-        pad = n_blocks * block - t
+        n_blocks, pad = split_prompt(t, block)
         observe_ids = self.session.observation_ids
         repeat = isinstance(observe_ids, str)  # "repeat": each block observed by a copy of itself (KVzip-style)
         n_obs = 0 if observe_ids is None else block if repeat else observe_ids.shape[-1]

@@ -28,6 +28,7 @@ class KVPassOptions:
     fallback: bool = False
     prefill_block: int | None = None  # prefill the prompt in blocks of this many tokens
     episodes: int | None = None       # EpiCache: conversation episodes (caches) built by kvpass.EpisodicCache
+    reference_kernels: bool = False   # run the ops' pure-torch references on every device (debugging)
 
     def uuid(self) -> str:
         """A key that changes whenever an option changes (for compile caches)."""
@@ -39,6 +40,7 @@ class KVPassOptions:
                 "layer_budgets": self.layer_budgets,
                 "compiler": self.compiler,
                 "prefill_block": self.prefill_block,
+                "reference_kernels": self.reference_kernels,
             },
             sort_keys=True,
         )
@@ -58,7 +60,7 @@ class KVPassOptions:
 
 _POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate"}
 VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
-              *sorted(_POLICY_KEYS))
+              "reference_kernels", *sorted(_POLICY_KEYS))
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -126,4 +128,9 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
                 f"kvpass: option 'episodes' ({episodes}) is EpiCache's: it needs policy 'epicache' and a "
                 f"'prefill_block'; got policy {name!r} and prefill_block {prefill_block!r}"
             )
-    return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes)
+    reference_kernels = options.get("reference_kernels", False)
+    if not isinstance(reference_kernels, bool):
+        raise ValueError(f"kvpass: option 'reference_kernels' must be True or False (True runs the ops' pure-torch "
+                         f"references instead of the Triton kernels, for debugging), got {reference_kernels!r}")
+    return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes,
+                         reference_kernels)

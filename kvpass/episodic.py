@@ -95,6 +95,7 @@ class EpisodicCache:
         self.episodes = opts.episodes
         self.patched_tokens = opts.policy.window
         self.centroids: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
         self.contexts: list[CompressedContext] = []
         self.patched_prompts: list[list[int]] = []
 
@@ -116,6 +117,7 @@ class EpisodicCache:
         vectors = np.stack([self.embed(context_ids[s:e]) for s, e in segments])
         kmeans = KMeans(n_clusters=self.episodes, n_init=10, random_state=self.seed).fit(vectors)
         self.centroids = kmeans.cluster_centers_
+        self.labels = kmeans.labels_  # episode of each segment
         self.contexts, self.patched_prompts = [], []
         for e in range(self.episodes):
             order = np.argsort(np.linalg.norm(vectors - self.centroids[e], axis=1))

@@ -3,7 +3,10 @@
 The shapes come from a model config (a shipped model name, or a path to an HF ``config.json`` or its
 folder) or from explicit sizes; for a KV budget ``C`` and prefill block ``T`` the workloads are a
 block prefill (``T`` queries over ``C + T`` slots) and a decode step (1 query over ``C + 1`` slots),
-for the fused attention + scores kernel and the compaction kernel. Results go to the JSON cache of
+for the fused attention + scores kernel and the compaction kernel (and SnapKV's prefill scores on the
+block's ``C + T`` slots with ``--kernels snapkv_scores``); for a diffusion LM's canvas of ``N``
+positions (``--canvas``), the Elastic-Cache kernel's denoising step (``--step-rows`` rows over ``N``) and
+its refresh (all ``N`` rows). Results go to the JSON cache of
 :mod:`kvpass.kernels.tuning` (keyed by kernel, shape bucket, device name and Triton version), which
 every kernel launch then reads automatically. ``--smoke`` runs the same pipeline on CPU in Triton's
 interpreter (tiny shapes, wall-clock timer) to check an install without a GPU.
@@ -28,6 +31,8 @@ from kvpass.cli import positive_int
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SMOKE_MAX_QUERIES = 8  # interpreter: ~0.3 ms per program and per block step, so smoke shapes stay tiny
 SMOKE_MAX_KEYS = 48
+KERNELS = ("attend_scores", "compact", "elastic_drift", "snapkv_scores")
+DLLM_TYPES = ("llada",)  # model_type of configs whose attention is Elastic-Cache's (kvpass::elastic_attend)
 
 
 def add_tune_parser(subparsers) -> argparse.ArgumentParser:
@@ -44,8 +49,12 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--block", type=positive_int, default=512, help="prefill block length (default: %(default)s)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="K/V dtype (default: %(default)s)")
-    p.add_argument("--kernels", default="attend_scores,compact",
-                   help="comma-separated kernels to tune (default: %(default)s)")
+    p.add_argument("--canvas", type=positive_int, default=1024,
+                   help="diffusion LM canvas, prompt + generation (elastic_drift; default: %(default)s)")
+    p.add_argument("--step-rows", type=positive_int, default=64,
+                   help="rows run per Elastic-Cache denoising step (elastic_drift; default: %(default)s)")
+    p.add_argument("--kernels", help=f"comma-separated kernels to tune, of {', '.join(KERNELS)} (default: "
+                   "attend_scores,compact; elastic_drift for a diffusion LM config)")
     p.add_argument("--max-configs", type=positive_int, help="time at most this many configs per shape")
     p.add_argument("--cache", help="tune cache file (default: $KVPASS_TUNE_CACHE or ~/.cache/kvpass/tune.json)")
     p.add_argument("--show", action="store_true", help="print the cache and exit")
@@ -84,7 +93,7 @@ def model_shape(name_or_path: str) -> dict[str, int]:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"--model: {str(path)!r} lacks attention sizes ({e!r}); pass --heads/--kv-heads/--head-dim "
                          "instead") from None
-    return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dllm": cfg.get("model_type") in DLLM_TYPES}
 
 
 def workloads(args: argparse.Namespace, sizes: dict[str, int]) -> list[tuple[str, dict[str, int]]]:
@@ -94,13 +103,21 @@ def workloads(args: argparse.Namespace, sizes: dict[str, int]) -> list[tuple[str
         raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
     if d > 256:
         raise ValueError(f"head dim must be <= 256 for the kernels, got {d}")
-    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    unknown = sorted(set(kernels) - {"attend_scores", "compact"})
+    if args.kernels is None:
+        kernels = ["elastic_drift"] if sizes.get("dllm") else ["attend_scores", "compact"]
+    else:
+        kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = sorted(set(kernels) - set(KERNELS))
     if unknown or not kernels:
-        raise ValueError(f"--kernels: unknown {unknown or kernels!r}; valid: attend_scores, compact")
-    budget, block = args.budget, args.block
+        raise ValueError(f"--kernels: unknown {unknown or kernels!r}; valid: {', '.join(KERNELS)}")
+    if "elastic_drift" in kernels and heads != kv_heads:
+        raise ValueError(f"--kernels elastic_drift: the Elastic-Cache attention is multi-head (kv heads = heads); "
+                         f"got {heads} heads and {kv_heads} kv heads")
+    budget, block, canvas = args.budget, args.block, args.canvas
+    step_rows = min(args.step_rows, canvas)
     if args.smoke:
         block, budget = min(block, SMOKE_MAX_QUERIES), min(budget, SMOKE_MAX_KEYS - min(block, SMOKE_MAX_QUERIES))
+        canvas, step_rows = min(canvas, SMOKE_MAX_KEYS), min(step_rows, canvas, SMOKE_MAX_QUERIES)
         group = min(heads // kv_heads, 4)
         kv_heads = min(kv_heads, 2)
         heads, d = group * kv_heads, min(d, 32)
@@ -108,7 +125,11 @@ def workloads(args: argparse.Namespace, sizes: dict[str, int]) -> list[tuple[str
     for t in (block, 1):
         shape = {"batch": args.batch, "heads": heads, "kv_heads": kv_heads, "head_dim": d, "t": t, "n": budget + t,
                  "budget": budget}
-        out += [(k, shape) for k in kernels]
+        out += [(k, shape) for k in kernels if k in ("attend_scores", "compact") or k == "snapkv_scores" and t > 1]
+    if "elastic_drift" in kernels:  # a denoising step's rows, then a refresh of every position
+        for rows in dict.fromkeys((step_rows, canvas)):
+            out.append(("elastic_drift", {"batch": args.batch, "heads": heads, "kv_heads": kv_heads, "head_dim": d,
+                                          "t": rows, "n": canvas}))
     return out
 
 
@@ -147,6 +168,27 @@ def _make_call(kernel: str, shape: dict[str, int], dtype: torch.dtype, device: t
     rnd = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
     k, v = rnd(b, hkv, n, d), rnd(b, hkv, n, d)
     pos = torch.arange(n, device=device).expand(b, hkv, n).contiguous()
+    if kernel == "elastic_drift":
+        from kvpass.kernels import elastic_drift as mod
+
+        # Elastic-Cache's defaults: up to 32 tracked tokens, a window of 16, a third of the canvas still masked
+        rows = torch.randperm(n, generator=gen)[:t].to(device)
+        q, kr, vr = (rnd(b, hq, t, d) for _ in range(3))
+        kc, vc, qc = (rnd(b, hq, n, d) for _ in range(3))
+        track, window = rows[: min(t, 32)], torch.arange(min(t, 16), device=device)
+        ones = lambda m: torch.ones(m, device=device)  # noqa: E731
+        excluded = (torch.arange(n, device=device) >= n - n // 3)
+        inputs = (q, kr, vr, rows, kc, vc, qc, track, ones(len(track)), window, ones(len(window)), excluded)
+        fn = lambda cfg: mod.elastic_attend(*inputs, config=cfg)
+        args = (b, hq, t, n, d)
+        return mod, fn, mod.shape_bucket(q, kc), mod.configs_for(*args), mod.default_config(*args)
+    if kernel == "snapkv_scores":  # SnapKV's prefill scoring of the block's candidate slots
+        from kvpass.kernels import snapkv_scores as mod
+
+        n_window = min(t, 32)
+        obs = torch.rand(b, hq, n, generator=gen).to(device) * n_window
+        fn = lambda cfg: mod.snapkv_scores(obs, pos, n_window, n_window, 5, "avg", config=cfg)
+        return mod, fn, mod.shape_bucket(obs, hkv), mod.configs_for(n), mod.default_config(n)
     if kernel == "attend_scores":
         from kvpass.kernels import attend_scores as mod
 

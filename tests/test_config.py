@@ -22,6 +22,7 @@ from kvpass.policies import POLICIES
         ({"policy": "snapkv"}, "no budget"),
         ({"policy": "snapkv", "budget": 8, "compiler": "tvm"}, "'tvm'"),
         ({"policy": "snapkv", "budget": 8, "fallback": "yes"}, "'yes'"),
+        ({"policy": "snapkv", "budget": 8, "reference_kernels": "yes"}, "'yes'"),
         ({"policy": "streaming_llm", "budget": 8, "window": 4}, "'window'"),
         ({"policy": "snapkv", "budget": 8, "window": 0}, "0"),
         ({"policy": "snapkv", "budget": 8, "pooling": "median"}, "'median'"),

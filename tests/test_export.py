@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -41,12 +42,31 @@ def reference() -> list[int]:
     return tokens
 
 
-def generate_in_fresh_process(path) -> list[int]:
-    code = f"import json, kvpass; print(json.dumps(kvpass.load({str(path)!r}).generate({prompt_ids()}, {STEPS})))"
+def generate_in_fresh_process(path, prompts: list[list[int]] | None = None) -> list:
+    """Greedy tokens of the artifact at ``path`` for ``prompts`` (default: the one test prompt, its tokens only),
+    from a fresh process that loads nothing but kvpass."""
+    many = prompts is not None
+    code = (f"import json, sys, kvpass; m = kvpass.load({str(path)!r}); "
+            f"tokens = [m.generate(p, {STEPS}) for p in {prompts or [prompt_ids()]}]; "
+            "print(json.dumps([tokens, sorted(k for k in sys.modules if k.startswith('transformers'))]))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    tokens, model_code = json.loads(run.stdout.strip().splitlines()[-1])
+    assert model_code == [], "the loader must not need the model's code"
+    return tokens if many else tokens[0]
+
+
+def assert_weights_stored_once(out) -> None:
+    """A pt2/aoti artifact stores each weight once, though both programs use it (twice would be 2x the bytes)."""
+    manifest = json.loads((out / "kvpass_export.json").read_text())
+    with zipfile.ZipFile(out / manifest["files"][0]) as archive:
+        records = [i for i in archive.infolist() if "/data/weights/weight_" in i.filename]
+    stored = sum(r.file_size for r in records)
+    params = list(tiny_model().parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    assert weight_bytes <= stored < 1.3 * weight_bytes, (stored, weight_bytes)
+    assert len(params) <= len(records) < 2 * len(params)
 
 
 @pytest.mark.parametrize("fmt", [
@@ -60,6 +80,8 @@ def test_artifact_in_fresh_process_matches_compiled_model(fmt, reference, tmp_pa
     manifest = json.loads((out / "kvpass_export.json").read_text())
     assert manifest["budgets"] == [BUDGET, BUDGET] and manifest["format"] == fmt
     assert manifest["counters"]["decode"]["decode_sites"] == 2
+    if fmt in ("pt2", "aoti"):
+        assert_weights_stored_once(out)
     assert generate_in_fresh_process(out) == reference
 
 
@@ -109,13 +131,21 @@ def test_cli_exports_a_local_hf_directory(tmp_path, capsys):
                  "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert len(kvpass.load(tmp_path / "o").generate(prompt_ids(), 4)) == 4
+    with pytest.raises(ValueError, match="--prompt-len 40 does not apply with --prefill-block 8"):
+        main(["export", str(tmp_path / "hf"), "--budget", "16", "--format", "jax", "--prefill-block", "8",
+              "--prompt-len", "40", "-o", str(tmp_path / "o2"), "--quiet"])
+    assert not (tmp_path / "o2").exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"format": "onnx"}, "unknown format 'onnx'; valid formats are"),
     ({"format": "jax"}, "static shapes only"),
-    ({"prefill_block": 64}, "--prefill-block 64 is not yet supported"),
     ({"ratio": 0.5}, "do not apply to an export"),
+    ({"ratio": 0.5, "prefill_block": 8}, "options {'ratio': 0.5} do not apply to an export"),
+    ({"prefill_block": 8, "prompt_len": 40, "format": "jax"}, "--prompt-len 40 does not apply with --prefill-block 8"),
+    ({"prefill_block": 1}, "at least 2 tokens, got 1"),
+    ({"prefill_block": 0}, "prefill_block must be a positive integer, got 0"),
+    ({"prefill_block": 8, "policy": "epicache", "episodes": 2}, "'episodes' \\(2\\) keeps one cache per episode"),
     ({"policy": "nope"}, "unknown policy 'nope'"),
     ({"prompt_len": 1, "format": "jax"}, "at least 2"),
     ({"budget": 0}, "positive integer"),
@@ -157,4 +187,117 @@ def test_every_format_declares_what_it_supports():
         fmt = get_format(name)
         assert fmt.name == name and fmt.description
         assert fmt.runnable == (fmt.load is not None)
+        assert fmt.prefill_block  # every format exports the block program
         assert fmt.missing() == [], f"{name} needs {fmt.missing()}: the test extra must install it"
+
+
+# --- block-wise prefill (--prefill-block): one static block program looped over prompts of any length ---------------
+
+BLOCK = 8
+BLOCK_OPTIONS = {**OPTIONS, "prefill_block": BLOCK}
+BLOCK_PROMPTS = (37, 51)  # longer than budget + block, neither a multiple of the block: a padded first block
+
+
+def block_prompts() -> list[list[int]]:
+    return [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in BLOCK_PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def block_reference() -> list[list[int]]:
+    """Greedy tokens of the model compiled with the same options (block-wise prefill, dynamic shapes), per prompt."""
+    torch._dynamo.reset()
+    model = tiny_model()
+    full = [greedy(model, ids) for ids in block_prompts()]
+    model.forward = torch.compile(model.forward, backend="kvpass", dynamic=True,
+                                  options={**BLOCK_OPTIONS, "compiler": "aot_eager"})
+    tokens = [greedy(model, ids) for ids in block_prompts()]
+    assert "prefill-block" in [g["kind"] for g in kvpass.explain().graphs]
+    assert all(a != b for a, b in zip(tokens, full, strict=True)), "compression must change every output"
+    torch._dynamo.reset()
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def block_artifacts(tmp_path_factory):
+    """Block-wise exports, one per format, made on first use and shared by the tests of this module."""
+    made = {}
+
+    def get(fmt: str):
+        if fmt not in made:
+            made[fmt] = export(tiny_model(), tmp_path_factory.mktemp("block") / fmt, format=fmt, progress=False,
+                               **BLOCK_OPTIONS)
+        return made[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", [
+    "pt2", "jax",
+    pytest.param("aoti", marks=pytest.mark.slow), pytest.param("tvm", marks=pytest.mark.slow),
+])
+def test_block_artifact_in_fresh_process_matches_compiled_model(fmt, block_reference, block_artifacts):
+    out = block_artifacts(fmt)
+    manifest = json.loads((out / "kvpass_export.json").read_text())
+    assert manifest["prefill_block"] == BLOCK and manifest["prompt_len"] is None
+    assert manifest["budgets"] == [BUDGET, BUDGET]
+    assert manifest["counters"]["prefill"]["blocked_sites"] == 2 and manifest["counters"]["prefill"]["block_sites"] == 2
+    assert manifest["counters"]["decode"]["decode_sites"] == 2
+    if fmt in ("pt2", "aoti"):
+        assert_weights_stored_once(out)
+    # static-shape formats too: two prompt lengths from one artifact
+    assert generate_in_fresh_process(out, block_prompts()) == block_reference
+
+
+def test_pt2_programs_share_their_weights_in_the_archive_and_once_loaded(block_artifacts, tmp_path):
+    from kvpass.lowering.export.pt2 import share_weights
+    from torch.export.pt2_archive._package import load_pt2
+
+    out = block_artifacts("pt2")
+    assert_weights_stored_once(out)
+    with zipfile.ZipFile(out / "program.pt2") as archive:
+        configs = [json.loads(archive.read(f"program/data/weights/{name}_weights_config.json"))["config"]
+                   for name in ("prefill", "decode")]
+    shared = {meta["path_name"] for meta in configs[0].values()} & {meta["path_name"] for meta in configs[1].values()}
+    assert len(shared) >= len(list(tiny_model().parameters()))  # every weight: one record, named by both programs
+    runner = kvpass.load(out).runner
+    prefill = {id(p) for p in runner._prefill.parameters()}
+    decode = [id(p) for p in runner._decode.parameters()]
+    assert decode and all(p in prefill for p in decode), "the loaded programs must hold the weights once"
+    # re-binding only joins equal weights of the same name
+    programs = load_pt2(out / "program.pt2").exported_programs
+    name, n = next(iter(programs["decode"].state_dict)), len(programs["decode"].state_dict)
+    programs["decode"].state_dict[name] = programs["decode"].state_dict[name] + 1
+    assert share_weights(programs["prefill"], programs["decode"]) == n - 1
+    assert programs["decode"].state_dict[name] is not programs["prefill"].state_dict[name]
+
+
+def test_block_program_is_static_and_takes_prompts_of_any_length(block_artifacts):
+    from torch.export.pt2_archive._package import load_pt2
+
+    out = block_artifacts("pt2")
+    programs = load_pt2(out / "program.pt2").exported_programs
+    shapes = [tuple(n.meta["val"].shape) for n in programs["prefill"].graph.nodes
+              if n.op == "placeholder" and n.name in programs["prefill"].graph_signature.user_inputs]
+    assert shapes[:4] == [(1, BLOCK)] * 4  # ids, positions, valid, observe: exactly one block
+    assert shapes[4:8] == [(1, 2, BUDGET, 16)] * 4  # the stores of both layers, at the budget
+    assert all(isinstance(d, int) for shape in shapes for d in shape)
+    model = kvpass.load(out)
+    for n in (1, 5, BLOCK, 3 * BLOCK + 1):  # shorter than a block, exactly one, one token into the fourth
+        assert len(model.generate(list(range(1, n + 1)), 3)) == 3
+    with pytest.raises(ValueError, match="takes 1..1024 tokens"):
+        model.generate(list(range(2000)), 3)
+
+
+def test_block_mlir_parses_back_without_kvpass_ops(block_artifacts):
+    from kvpass.lowering.export.to_mlir import check
+
+    out = block_artifacts("mlir")
+    assert json.loads((out / "kvpass_export.json").read_text())["prefill_block"] == BLOCK
+    files = sorted(p.name for p in out.glob("*.mlir"))
+    assert files == ["decode.linalg.mlir", "decode.torch.mlir", "prefill.linalg.mlir", "prefill.torch.mlir"]
+    for name in files:
+        text = (out / name).read_text()
+        assert "kvpass" not in text
+        check(text)
+    # the block program: ids, positions, valid, observe of one block
+    assert f"!torch.vtensor<[1,{BLOCK}],i1>" in (out / "prefill.torch.mlir").read_text()

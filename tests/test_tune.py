@@ -80,3 +80,39 @@ def test_unwritable_cache_path_is_quoted(tmp_path, capsys):
     bad = blocker / "tune.json"  # a folder that cannot exist: its parent is a file
     assert main(["tune", "--smoke", *SIZES, "--cache", str(bad)]) == 2
     assert f"cannot write the tune cache {str(bad)!r}" in capsys.readouterr().err
+
+
+def test_smoke_tune_of_the_elastic_kernel(tmp_path, monkeypatch, capsys):
+    from kvpass.kernels import elastic_drift as E
+
+    cfg = tmp_path / "config.json"  # a diffusion LM's config: its kernel is the default
+    cfg.write_text(json.dumps({"model_type": "llada", "num_attention_heads": 2, "hidden_size": 32}))
+    cache = tmp_path / "t.json"
+    argv = ["tune", "--smoke", "--model", str(cfg), "--canvas", "24", "--step-rows", "6", "--max-configs", "2",
+            "--dtype", "float32", "--cache", str(cache)]
+    assert main(argv) == 0
+    entries = json.loads(cache.read_text())["entries"]
+    assert sorted(e["bucket"] for e in entries.values()) == ["d16-q32-n32-float32", "d16-q8-n32-float32"]
+    assert all(e["kernel"] == "elastic_drift" and e["configs_timed"] >= 1 for e in entries.values())
+    monkeypatch.setenv("KVPASS_TUNE_CACHE", str(cache))
+    q, kc = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 24, 16)
+    rows, one = torch.arange(6), torch.ones(1)
+    with mock.patch.object(E, "default_config", side_effect=AssertionError("default used")):
+        out = E.elastic_attend(q, q, q, rows, kc, kc, kc, rows[:1], one, rows[:1], one, torch.zeros(24, dtype=bool))
+    assert out[0].shape == q.shape and torch.allclose(out[5].sum(), torch.tensor(2.0))  # one window row, 2 heads
+
+
+def test_smoke_tune_of_snapkv_scores(tmp_path):
+    cache = tmp_path / "t.json"
+    assert main(["tune", "--smoke", *SIZES, "--kernels", "snapkv_scores,compact", "--cache", str(cache)]) == 0
+    entries = json.loads(cache.read_text())["entries"]
+    # compact's prefill and decode shapes share a bucket; SnapKV scores only the prefill block
+    assert sorted(e["bucket"] for e in entries.values()) == ["d16-n32-c32-bfloat16", "g2-n32"]
+
+
+def test_elastic_kernel_needs_multi_head_shapes(tmp_path, capsys):
+    argv = ["tune", "--smoke", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--kernels", "elastic_drift",
+            "--cache", str(tmp_path / "t.json")]
+    assert main(argv) == 2
+    assert "elastic_drift: the Elastic-Cache attention is multi-head (kv heads = heads); got 4 heads and 2" in \
+        capsys.readouterr().err

@@ -32,6 +32,7 @@ __all__ = [
     "valid_policies",
     "validate_grid",
     "make_forward",
+    "stop_ids_for",
     "run_grid",
     "format_table",
 ]
@@ -90,7 +91,7 @@ def make_forward(
     return torch.compile(model.forward, backend="kvpass", options=options)
 
 
-def _stop_ids(tokenizer: Any) -> list[int]:
+def stop_ids_for(tokenizer: Any) -> list[int]:
     """EOS and every token whose text holds a newline: each answer is a short single line."""
     ids = {i for i in [tokenizer.eos_token_id] if i is not None}
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
@@ -228,7 +229,7 @@ def run_grid(
     t_start = time.perf_counter()
     for model_name in models:
         model, tokenizer = load_fn(model_name)
-        stop = _stop_ids(tokenizer)
+        stop = stop_ids_for(tokenizer)
         suites: dict[str, Sequence[Any]] = {}
         for bench in benchmarks:
             try:

@@ -1,8 +1,9 @@
 """Export a kvpass-compressed model so it runs where Python hooks cannot follow.
 
-``kvpass.export(model, out, format=..., policy=..., budget=...)`` torch.exports the model's prefill and
-decode step, rewrites both with kvpass's attention analysis and ``InsertKVEviction`` pass (the same
-rewrite the ``kvpass`` backend applies), and packages them in one of :data:`FORMATS`.
+``kvpass.export(model, out, format=..., policy=..., budget=...)`` torch.exports the model's prefill (or,
+with ``prefill_block=C``, the block-wise prefill's block program) and decode step, rewrites both with
+kvpass's attention analysis and passes (the same rewrite the ``kvpass`` backend applies), and packages
+them in one of :data:`FORMATS`.
 ``kvpass.load(out)`` runs a complete greedy generation from the artifact, without the model's code.
 """
 
@@ -78,6 +79,9 @@ def export(
     accepted: the exported decode step has a fixed store size). ``prompt_len``: export the prefill for
     exactly that many tokens (required by formats without dynamic shapes); otherwise prompts of
     2..``max_prompt`` tokens (default: the model's ``max_position_embeddings``).
+    ``prefill_block``: export the block-wise prefill's block program (``prefill_block`` tokens, static
+    shapes) instead; the loader runs it once per block, so every format then takes prompts of any length
+    (1..``max_prompt``) and the KV held never exceeds budget + one block.
     Everything is checked before anything is written; the artifact appears only once complete.
     """
     from kvpass.lowering.export.core import export_programs
@@ -89,19 +93,31 @@ def export(
     if missing:
         raise ValueError(f"kvpass export: format {format!r} needs the Python package(s) {missing}, which are not "
                          f"installed; install them with: {fmt.install}")
-    if "ratio" in policy_params or "compiler" in policy_params or "fallback" in policy_params:
-        raise ValueError(f"kvpass export: options {sorted({'ratio', 'compiler', 'fallback'} & set(policy_params))} "
-                         "do not apply to an export (the decode step has a fixed store size, the format picks "
-                         "the compiler); give budget= or layer_budgets=")
-    options = parse_options({"policy": policy, "budget": budget, "layer_budgets": layer_budgets, **policy_params})
-    if prefill_block is not None:
-        _positive("prefill_block", prefill_block)
-        raise ValueError(f"kvpass export: --prefill-block {prefill_block} is not yet supported by the exporters "
-                         "(block-wise prefill is not part of the exported programs yet); export without it")
+    refused = {k: policy_params[k] for k in ("ratio", "compiler", "fallback") if k in policy_params}
+    if refused:
+        raise ValueError(f"kvpass export: options {refused} do not apply to an export (the decode step and the "
+                         "prefill block have a fixed store size, the format picks the compiler); give budget= or "
+                         "layer_budgets=")
+    prefill_block = _positive("prefill_block", prefill_block)
+    options = parse_options({"policy": policy, "budget": budget, "layer_budgets": layer_budgets,
+                             "prefill_block": prefill_block, **policy_params})
+    if options.episodes is not None:
+        raise ValueError(f"kvpass export: option 'episodes' ({options.episodes}) keeps one cache per episode and "
+                         "picks one per question at run time (kvpass.episodic); the exported programs hold a single "
+                         "store: export without it")
     prompt_len, max_prompt = _positive("prompt_len", prompt_len), _positive("max_prompt", max_prompt)
     if prompt_len is not None and prompt_len < 2:
         raise ValueError(f"kvpass export: prompt_len must be at least 2, got {prompt_len}")
-    if not fmt.dynamic_prompt and prompt_len is None:
+    if prefill_block is not None:
+        if not fmt.prefill_block:
+            raise ValueError(f"kvpass export: format {format!r} cannot export --prefill-block {prefill_block}; "
+                             f"formats that can: {[f for f in FORMATS if get_format(f).prefill_block]}")
+        if prefill_block < 2:
+            raise ValueError(f"kvpass export: --prefill-block must be at least 2 tokens, got {prefill_block}")
+        if prompt_len is not None:
+            raise ValueError(f"kvpass export: --prompt-len {prompt_len} does not apply with --prefill-block "
+                             f"{prefill_block}: the block program takes prompts of any length; give one of them")
+    elif not fmt.dynamic_prompt and prompt_len is None:
         raise ValueError(f"kvpass export: format {format!r} has static shapes only: give the prompt length the "
                          "prefill is exported for (--prompt-len N / prompt_len=N)")
     out = Path(out)
@@ -120,7 +136,8 @@ def export(
         module = resolve_model(model)
         bar.done()
         bar.start("torch.export + kvpass rewrite (prefill, decode)")
-        programs = export_programs(module, options, prompt_len=prompt_len, max_prompt=max_prompt)
+        programs = export_programs(module, options, prompt_len=prompt_len, max_prompt=max_prompt,
+                                   prefill_block=prefill_block)
         bar.done()
         files = fmt.write(programs, staging, bar)
         manifest = {**programs.manifest, "format": format, "files": files,

@@ -24,6 +24,11 @@ class Runner(Protocol):
     def decode(self, ids: np.ndarray, positions: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
         """One token ``[1, 1]`` → (its logits ``[V]``, the next state)."""
 
+    def prefill_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, observe: np.ndarray,
+                      state: Any) -> tuple[np.ndarray, Any]:
+        """One block ``[1, C]`` (artifacts exported with ``prefill_block``) → (last-token logits ``[V]``, the next
+        state). ``state`` is the runner's own from the previous block, or torch tensors for the first one."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportFormat:
@@ -36,6 +41,7 @@ class ExportFormat:
     dynamic_prompt: bool             # the prefill takes any prompt length (else: exactly --prompt-len)
     keeps_kvpass_ops: bool           # the artifact calls kvpass::* ops (else: decomposed into ATen)
     runnable: bool                   # kvpass.load can run it
+    prefill_block: bool              # exports --prefill-block C: a static block program, any prompt length
     write: Callable[..., list[str]]  # (programs, out_dir, progress) -> files written, relative to out_dir
     load: Callable[[Path, dict], Runner] | None = None
 
@@ -87,12 +93,17 @@ class ExportedModel:
             raise ValueError(f"kvpass: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         m = self.manifest
         t = len(ids)
+        block = m.get("prefill_block")
         if m["prompt_len"] is not None and t != m["prompt_len"]:
             raise ValueError(f"kvpass: this {m['format']} artifact was exported for prompts of exactly "
                              f"{m['prompt_len']} tokens (--prompt-len), got {t}")
-        if m["prompt_len"] is None and not 2 <= t <= m["max_prompt"]:
-            raise ValueError(f"kvpass: prompt of {t} tokens; this artifact takes 2..{m['max_prompt']} tokens")
-        logits, state = self.runner.prefill(ids[None], np.arange(t, dtype=np.int64)[None])
+        shortest = 1 if block else 2
+        if m["prompt_len"] is None and not shortest <= t <= m["max_prompt"]:
+            raise ValueError(f"kvpass: prompt of {t} tokens; this artifact takes {shortest}..{m['max_prompt']} tokens")
+        if block:
+            logits, state = self._prefill_blocks(ids, block)
+        else:
+            logits, state = self.runner.prefill(ids[None], np.arange(t, dtype=np.int64)[None])
         out: list[int] = []
         eos = set(m["eos_token_id"]) if stop_at_eos else set()
         for step in range(max_new_tokens):
@@ -103,6 +114,30 @@ class ExportedModel:
             logits, state = self.runner.decode(np.array([[token]], dtype=np.int64),
                                                np.array([[t + step]], dtype=np.int64), state)
         return out
+
+
+    def _prefill_blocks(self, ids: np.ndarray, block: int) -> tuple[np.ndarray, Any]:
+        """Prefill ``ids`` by calling the block program once per block (as ``kvpass.blockwise.BlockwiseRunner``)."""
+        import torch
+        from kvpass.lowering.export.core import empty_state
+
+        from kvpass.blockwise import split_prompt
+
+        m = self.manifest
+        t = len(ids)
+        n_blocks, pad = split_prompt(t, block)
+        front = np.zeros(pad, dtype=np.int64)
+        ids = np.concatenate([front, ids])[None]  # padding: token 0 at position 0, marked not valid
+        positions = np.concatenate([front, np.arange(t, dtype=np.int64)])[None]
+        valid = np.concatenate([np.zeros(pad, dtype=bool), np.ones(t, dtype=bool)])[None]
+        observe = np.zeros((1, block), dtype=bool)  # no observation-only tokens
+        state: Any = empty_state(m["capacities"], m["kv_heads"], m["head_dim"], getattr(torch, m["kv_dtype"]))
+        logits = None
+        for i in range(n_blocks):
+            part = slice(i * block, (i + 1) * block)
+            logits, state = self.runner.prefill_block(*(np.ascontiguousarray(a[:, part]) for a in
+                                                        (ids, positions, valid)), observe, state)
+        return logits, state
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

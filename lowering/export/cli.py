@@ -1,4 +1,4 @@
-"""``kvpass export MODEL --policy P --budget N --format F -o OUT``."""
+"""``kvpass export MODEL --policy P --budget N [--prefill-block C] --format F -o OUT``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "export", help="export a compressed model (pt2, aoti, jax, tvm, mlir)",
-        description="torch.export the model's prefill and decode step with kvpass's KV compression compiled in, "
-        "and package them; `kvpass.load(OUT).generate(ids, n)` runs pt2/aoti/jax/tvm artifacts.",
+        description="torch.export the model's prefill (or block program) and decode step with kvpass's KV "
+        "compression compiled in, and package them; `kvpass.load(OUT).generate(ids, n)` runs pt2/aoti/jax/tvm "
+        "artifacts.",
     )
     p.add_argument("model", help="a local Hugging Face model directory, or a model kvpass ships (e.g. smollm2-135m)")
     p.add_argument("--policy", default="snapkv", choices=sorted(POLICIES), help="eviction policy (%(default)s)")
@@ -23,10 +24,11 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--format", default="pt2", choices=FORMATS, help="artifact format (%(default)s)")
     p.add_argument("-o", "--out", required=True, help="output directory (must not exist, or be empty)")
     p.add_argument("--prompt-len", type=positive_int, help="export the prefill for exactly this many prompt tokens "
-                   "(required by jax, tvm, mlir: static shapes)")
+                   "(required by jax, tvm, mlir without --prefill-block: static shapes)")
     p.add_argument("--max-prompt", type=positive_int, help="longest prompt a dynamic-shape artifact takes "
                    "(default: the model's max_position_embeddings)")
-    p.add_argument("--prefill-block", type=positive_int, help="block-wise prefill (not yet supported by the exporters)")
+    p.add_argument("--prefill-block", type=positive_int, help="export the block-wise prefill: a block program of this "
+                   "many tokens, looped over prompts of any length (every format; replaces --prompt-len)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p

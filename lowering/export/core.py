@@ -14,6 +14,14 @@ The calling convention (batch 1, one list of flat tensors, ``L`` attention layer
 
 A generation is one prefill then one decode per new token, feeding each call's ``state`` to the next:
 the store never grows, so the decode program has static shapes.
+
+With ``prefill_block=C`` the prefill is instead the *block program* of
+:class:`kvpass.passes.BlockwisePrefill` (static shapes, ``C`` tokens):
+``(input_ids [1, C], position_ids [1, C], valid [1, C] bool, observe [1, C] bool, *state)`` →
+``(logits [1, 1, V], *state)``. A prompt of any length is prefilled by calling it once per block from the
+empty state (zero stores, ``pos`` -1): the first block left-padded (``valid`` False, id and position 0),
+the last one ending on the prompt's last token, exactly as :class:`kvpass.blockwise.BlockwiseRunner` does
+(see :func:`kvpass.blockwise.split_prompt`). ``observe`` marks observation-only tokens (none here: all False).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch.export import Dim, ExportedProgram
 import kvpass
 import kvpass.ops  # noqa: F401  (registers the kvpass::* ops the programs call)
 from kvpass.analysis import find_attention_sites
+from kvpass.blockwise import rewrite_blocks
 from kvpass.config import KVPassOptions
 from kvpass.ops import REFERENCES
 from kvpass.passes import InsertKVEviction, LayerPlan
@@ -67,19 +76,41 @@ class Programs:
     manifest: dict[str, Any]
 
 
-def _rewrite(ep: ExportedProgram, options: KVPassOptions) -> tuple[fx.GraphModule, list[LayerPlan], dict[str, int]]:
-    """Run kvpass's analysis and rewrite on an exported forward; returns a plain (flat-args) GraphModule."""
+def _plain_graph(ep: ExportedProgram) -> tuple[torch.nn.Module, fx.Graph]:
+    """The unlifted module of an exported forward and a copy of its graph with plain (flat-args) codegen."""
     module = ep.module()
     graph = fx.Graph()
     graph.output(graph.graph_copy(module.graph, {}))  # plain codegen: flat positional inputs and outputs
     for node in list(graph.nodes):  # the unlifted module's input guard: re-export checks shapes itself
         if node.op == "call_module" and "guards" in str(node.target) and not node.users:
             graph.erase_node(node)
+    return module, graph
+
+
+def _rewrite(ep: ExportedProgram, options: KVPassOptions) -> tuple[fx.GraphModule, list[LayerPlan], dict[str, int]]:
+    """Run kvpass's analysis and rewrite on an exported forward; returns a plain (flat-args) GraphModule."""
+    module, graph = _plain_graph(ep)
     sites = find_attention_sites(graph)
     rewrite = InsertKVEviction(options)
     plans = rewrite(graph, sites)
     graph.eliminate_dead_code()
     return fx.GraphModule(module, graph), plans, dict(rewrite.counters)
+
+
+def _rewrite_blocks(ep: ExportedProgram, options: KVPassOptions) -> tuple[fx.GraphModule, list[LayerPlan],
+                                                                            dict[str, int]]:
+    """Rewrite an exported dynamic-length prefill into the block graph, as the backend's block-wise path does
+    (:func:`kvpass.blockwise.rewrite_blocks`). The graph takes
+    ``(ids, positions, k_0, v_0, ..., valid, observe, pos_0, acc_0, seen_0, ...)``."""
+    module, graph = _plain_graph(ep)
+    rewritten = rewrite_blocks(graph, find_attention_sites(graph), options)
+    layout = rewritten.layout
+    roles = [(tok.index, tok.dim, tok.role) for tok in layout.tokens]
+    if roles != [(0, 1, "input_ids"), (1, 1, "position_ids")] or layout.seq_inputs or layout.token_outputs:
+        raise RuntimeError(f"kvpass export: unexpected block graph layout (token inputs {roles}, length inputs "
+                           f"{layout.seq_inputs}, per-token outputs {sorted(layout.token_outputs)})")
+    graph.eliminate_dead_code()
+    return fx.GraphModule(module, graph), rewritten.plans, rewritten.counters
 
 
 class _FlatCall(torch.nn.Module):
@@ -95,6 +126,30 @@ class _FlatCall(torch.nn.Module):
         return tuple(outs)
 
 
+class _BlockCall(torch.nn.Module):
+    """Re-exportable block program: ``(ids, positions, valid, observe, *state)`` in the documented order."""
+
+    def __init__(self, gm: fx.GraphModule, n_layers: int) -> None:
+        super().__init__()
+        self.gm = gm
+        self.n_stores = 2 * n_layers
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
+                observe: torch.Tensor, *state: torch.Tensor):
+        stores, meta = state[: self.n_stores], state[self.n_stores :]
+        return tuple(self.gm(input_ids, position_ids, *stores, valid, observe, *meta))
+
+
+def empty_state(capacities: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The state a block-wise prefill starts from (batch 1): empty stores, ``pos`` -1 marking every slot empty."""
+    stores, meta = [], []
+    for capacity in capacities:
+        shape = (1, kv_heads, capacity)
+        stores += [torch.zeros(*shape, head_dim, dtype=dtype) for _ in range(2)]
+        meta += [torch.full(shape, -1, dtype=torch.int64), torch.zeros(shape), torch.zeros(1, dtype=torch.int64)]
+    return stores + meta
+
+
 def _check_decode_inputs(gm: fx.GraphModule, n_layers: int) -> None:
     """The decode graph takes ids, positions, the stores, then (added by the pass) the metadata."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -104,12 +159,14 @@ def _check_decode_inputs(gm: fx.GraphModule, n_layers: int) -> None:
 
 
 def export_programs(model: torch.nn.Module, options: KVPassOptions, *, prompt_len: int | None = None,
-                    max_prompt: int | None = None) -> Programs:
+                    max_prompt: int | None = None, prefill_block: int | None = None) -> Programs:
     """torch.export the prefill and decode step of ``model`` (batch 1) and rewrite both with kvpass.
 
     ``prompt_len``: export the prefill for exactly that many tokens (formats without dynamic shapes);
     ``None`` exports a dynamic prompt length (2 .. ``max_prompt``, default the model's
-    ``max_position_embeddings``). The programs keep the ``kvpass::*`` ops; see :func:`decompose`.
+    ``max_position_embeddings``). ``prefill_block``: export the block program instead (static shapes,
+    that many tokens per call; a loader loops it over a prompt of any length up to ``max_prompt``).
+    The programs keep the ``kvpass::*`` ops; see :func:`decompose`.
     """
     cfg = model.config.get_text_config(decoder=True)
     if getattr(cfg, "sliding_window", None) and any(
@@ -125,16 +182,32 @@ def export_programs(model: torch.nn.Module, options: KVPassOptions, *, prompt_le
     positions = torch.arange(t)[None]
     with torch.no_grad():
         if prompt_len is None:
-            dim = Dim("prompt", min=2, max=max_prompt or max_pos)
+            dim = Dim("prompt", min=2, max=max(max_prompt or max_pos, prefill_block or 0))
             dynamic = ({1: dim}, {1: dim})
         else:
             dynamic = None
         ep = torch.export.export(wrapper, (ids, positions), dynamic_shapes=dynamic, strict=False)
-        prefill_gm, plans, prefill_counters = _rewrite(ep, options)
-        n_layers = len(plans)
-        prefill = torch.export.export(_FlatCall(prefill_gm), (ids, positions), dynamic_shapes=(
-            None if dynamic is None else ((dynamic[0], dynamic[1]),)), strict=False)
-        logits, *state = prefill.module()(ids, positions)
+        if prefill_block is None:
+            prefill_gm, plans, prefill_counters = _rewrite(ep, options)
+            n_layers = len(plans)
+            prefill_example = (ids, positions)
+            prefill = torch.export.export(_FlatCall(prefill_gm), prefill_example, dynamic_shapes=(
+                None if dynamic is None else ((dynamic[0], dynamic[1]),)), strict=False)
+            logits, *state = prefill.module()(ids, positions)
+        else:
+            block_gm, plans, prefill_counters = _rewrite_blocks(ep, options)
+            n_layers = len(plans)
+            k = next(n for n in block_gm.graph.nodes if n.op == "placeholder" and n.name.startswith("kvpass_store_k"))
+            _, kv_heads, _, head_dim = k.meta["example_value"].shape
+            ids = torch.randint(0, vocab, (1, prefill_block))
+            positions = torch.arange(prefill_block)[None]
+            valid = torch.ones(1, prefill_block, dtype=torch.bool)
+            state = empty_state([p.capacity for p in plans], int(kv_heads), int(head_dim),
+                                k.meta["example_value"].dtype)
+            prefill_example = (ids, positions, valid, torch.zeros_like(valid), *state)
+            prefill = torch.export.export(_BlockCall(block_gm, n_layers), prefill_example, strict=False)
+            logits, *state = prefill.module()(*prefill_example)
+            t = prefill_block
         kv_shape = (1, state[0].shape[1], state[0].shape[3])
         stores = state[: 2 * n_layers]
         step_ids, step_pos = ids[:, -1:], torch.tensor([[t]])
@@ -160,13 +233,15 @@ def export_programs(model: torch.nn.Module, options: KVPassOptions, *, prompt_le
         "head_dim": kv_shape[2],
         "vocab_size": vocab,
         "dtype": str(logits.dtype).removeprefix("torch."),
+        "kv_dtype": str(state[0].dtype).removeprefix("torch."),
         "batch": 1,
         "prompt_len": prompt_len,
         "max_prompt": None if prompt_len is not None else (max_prompt or max_pos),
+        "prefill_block": prefill_block,
         "eos_token_id": [eos] if isinstance(eos, int) else list(eos or []),
         "counters": {"prefill": prefill_counters, "decode": decode_counters},
     }
-    return Programs(prefill, decode, (ids, positions), decode_example, manifest)
+    return Programs(prefill, decode, prefill_example, decode_example, manifest)
 
 
 def decompose(ep: ExportedProgram) -> ExportedProgram:

@@ -5,7 +5,8 @@ Each program is decomposed into core ATen (the ``kvpass::*`` ops replaced by the
 ``jax.export`` (StableHLO + calling convention) next to the weights (``weights.npz``), so loading
 needs JAX and NumPy only. Every node's result is cast to the dtype torch recorded for it, so torch's
 type-promotion rules hold even where JAX's differ. int64 tensors need JAX's x64 mode, which the
-exporter and the loader switch on.
+exporter and the loader switch on. The prefill is exported for one ``--prompt-len``; with ``--prefill-block``
+it is the (static) block program instead, which the loader loops over prompts of any length.
 """
 
 from __future__ import annotations
@@ -361,6 +362,12 @@ class JaxRunner:
         logits, *state = self._decode.call(self._params(self._decode), ids, positions, *state)
         return np.asarray(logits)[0, -1], state
 
+    def prefill_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, observe: np.ndarray,
+                      state: Any) -> tuple[np.ndarray, Any]:
+        state = [s.numpy() if isinstance(s, torch.Tensor) else s for s in state]  # the first block's: torch
+        logits, *state = self._prefill.call(self._params(self._prefill), ids, positions, valid, observe, *state)
+        return np.asarray(logits)[0, -1], state
+
     def _params(self, exported) -> dict:
         import jax
 
@@ -380,6 +387,7 @@ FORMAT = ExportFormat(
     dynamic_prompt=False,
     keeps_kvpass_ops=False,
     runnable=True,
+    prefill_block=True,
     write=write,
     load=load,
 )

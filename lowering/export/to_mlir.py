@@ -9,6 +9,8 @@ register: that file is written in MLIR's generic op form, and :func:`check` pars
 unregistered dialects allowed.
 torch-mlir has no ``aten.sort.stable``: it becomes ``aten.sort`` (``tm_tensor.sort``), so which of
 several *equally* scored slots survives an eviction may differ from torch's stable choice.
+With ``--prefill-block`` the prefill module is the static block program (see
+:mod:`kvpass.lowering.export.core` for its calling convention), usable for prompts of any length.
 """
 
 from __future__ import annotations
@@ -94,5 +96,6 @@ FORMAT = ExportFormat(
     dynamic_prompt=False,
     keeps_kvpass_ops=False,
     runnable=False,
+    prefill_block=True,
     write=write,
 )

@@ -3,7 +3,9 @@
 Each program is decomposed into core ATen (kvpass ops → references), imported with
 ``tvm.relax.frontend.torch.from_exported_program`` (weights kept as inputs, stored once in
 ``weights.npz``), compiled with ``tvm.compile(mod, "llvm")`` into a shared library, and run by the
-Relax VM. Two ATen ops the importer lacks (``amax``, stable ``sort``) get converters here.
+Relax VM. Two ATen ops the importer lacks (``amax``, stable ``sort``) get converters here. The prefill is
+compiled for one ``--prompt-len``; with ``--prefill-block`` it is the (static) block program instead, which
+the loader loops over prompts of any length.
 """
 
 from __future__ import annotations
@@ -99,6 +101,13 @@ class TvmRunner:
     def decode(self, ids: np.ndarray, positions: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
         return self._run("decode", self._tensor(ids), self._tensor(positions), *state)
 
+    def prefill_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, observe: np.ndarray,
+                      state: Any) -> tuple[np.ndarray, Any]:
+        import torch
+
+        state = [self._tensor(s.numpy()) if isinstance(s, torch.Tensor) else s for s in state]
+        return self._run("prefill", *map(self._tensor, (ids, positions, valid, observe)), *state)
+
 
 def load(path: Path, manifest: dict) -> TvmRunner:
     return TvmRunner(path)
@@ -112,6 +121,7 @@ FORMAT = ExportFormat(
     dynamic_prompt=False,
     keeps_kvpass_ops=False,
     runnable=True,
+    prefill_block=True,
     write=write,
     load=load,
 )

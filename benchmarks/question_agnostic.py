@@ -1,0 +1,269 @@
+"""Question-agnostic QA (kvpress's protocol): compress the context before any question is seen.
+
+Each context (a NIAH-style haystack, or a LoCoMo-style multi-session conversation) is prefilled through the
+kvpass backend and compressed to ``budget`` slots per layer **once**; every question about it is then appended
+to a copy of the compressed cache and answered greedily — the setting of one cache serving many later
+questions, which EpiCache targets. Methods:
+
+* ``full``: budget = context length (no eviction; the same pipeline, the reference row),
+* ``streaming_llm``, ``snapkv``, ``h2o``: the whole context prefilled at once, then evicted by the policy's rule
+  (SnapKV's observation window is the context's last tokens, since the question is not there yet),
+* ``snapkv-block``, ``h2o-block``: block-wise prefill (``prefill_block``) with the policy's own rule,
+* ``repeat-block``: block-wise, each block scored by a copy of itself appended as observation queries
+  (KVzip-style reconstruction; EpiCache's scorer with the block as its own patched prompt),
+* ``epicache``: :class:`kvpass.episodic.EpisodicCache` — segments (windows of utterances / sentences) embedded
+  and clustered with K-means into ``--episodes`` episodes, one cache per episode scored by its patched prompt,
+  each question routed to its episode's cache,
+* ``epicache-layers``: ``epicache`` with EpiCache's adaptive layer budgets (:mod:`kvpass.layer_profile`, profiled
+  once on ``--profile-tokens`` tokens of the essays; the same total budget).
+
+Accuracy, the share of the answer-bearing span (needle / planted fact) still held after compression, and for
+``epicache`` whether the question was routed to an episode holding its fact, go to ``--out``/results.json
+with a plot of accuracy against compression (context tokens / budget).
+
+    python benchmarks/question_agnostic.py --benchmark locomo --conversations 8 --budgets 256,512,1024
+    python benchmarks/question_agnostic.py --benchmark niah --lengths 1024 --budgets 256 \
+        --methods full,snapkv-block,repeat-block
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+METHODS = ("full", "streaming_llm", "snapkv", "h2o", "snapkv-block", "h2o-block", "repeat-block", "epicache",
+           "epicache-layers")
+
+
+def _contexts(benchmark: str, tokenizer, args) -> list[dict]:
+    """``[{"uid", "context": ids, "questions": [(ids, sample, answer span)], "segment_ends": set}]``."""
+    from kvpass.models.data import conversation_samples, niah_samples
+
+    if benchmark == "niah":
+        samples = niah_samples(tokenizer, lengths=args.lengths, depths=args.depths, seed=args.seed)
+        items = [(s.uid, s, len(s.prompt_ids) - _niah_question_len(tokenizer, s), s.meta["needle_spans"][0])
+                 for s in samples]
+    else:
+        samples = conversation_samples(tokenizer, num_conversations=args.conversations, num_sessions=args.sessions,
+                                       questions_per_conversation=args.questions, seed=args.seed)
+        items = [(f"locomo-c{s.meta['conversation']}", s, s.meta["context_tokens"], s.meta["fact_span"])
+                 for s in samples]
+    contexts: dict[str, dict] = {}
+    for uid, sample, n_context, span in items:
+        entry = contexts.setdefault(uid, {"uid": uid, "context": list(sample.prompt_ids[:n_context]), "questions": []})
+        if entry["context"] != list(sample.prompt_ids[:n_context]):
+            raise SystemExit(f"samples of {uid} do not share their context")
+        entry["questions"].append((list(sample.prompt_ids[n_context:]), sample, span))
+    return list(contexts.values())
+
+
+def _niah_question_len(tokenizer, sample) -> int:
+    from kvpass.models.data.samples import encode
+
+    key = sample.meta["key"]
+    q = encode(tokenizer, f"\n\nQuestion: What is the special magic number for {key} mentioned in the text above?"
+                          f"\nAnswer: The special magic number for {key} is")
+    if list(sample.prompt_ids[-len(q):]) != q:
+        raise SystemExit("the NIAH prompt does not end with the expected question")
+    return len(q)
+
+
+def _segments(tokenizer, ids: list[int], per_segment: int, newline: bool) -> list[tuple[int, int]]:
+    """Windows of ``per_segment`` utterances (lines; ``newline``) or sentences, as token spans."""
+    texts = tokenizer.batch_decode([[t] for t in ids])
+    ends = [i + 1 for i, t in enumerate(texts) if ("\n" in t if newline else t.rstrip().endswith((".", "?", "!")))]
+    bounds = [0, *ends[per_segment - 1 :: per_segment]]
+    if bounds[-1] != len(ids):
+        bounds.append(len(ids))
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _span_kept(ctx, span: list[int]) -> float:
+    """Share of ``span``'s tokens held, over every layer and kv-head of a compressed context."""
+    held = [torch.isin(torch.arange(*span), state.pos.reshape(-1, state.pos.shape[-1])[h]).float().mean()
+            for state in ctx.layers.values() for h in range(state.pos.shape[0] * state.pos.shape[1])]
+    return float(torch.stack(held).mean())
+
+
+def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict:
+    policy = {"repeat-block": "epicache", "full": "streaming_llm", "epicache-layers": "epicache"}.get(
+        method, method.removesuffix("-block"))
+    options = {"policy": policy, "budget": budget, "compiler": args.compiler}
+    if method.endswith("-block") or method.startswith("epicache"):
+        options["prefill_block"] = args.block
+    if method == "repeat-block":
+        options.update(window=args.block, accumulate=True)
+    if method == "repeat-block" or method.startswith("epicache"):
+        options["kernel_size"] = args.kernel_size
+    if method.startswith("epicache"):
+        options.update(episodes=args.episodes, window=args.patched_tokens)
+    if method == "epicache-layers":
+        from kvpass.models.data.niah import corpus_ids
+
+        from kvpass.layer_profile import layer_budgets
+
+        sample = corpus_ids(tokenizer, "essays")[: args.profile_tokens]
+        options["layer_budgets"] = layer_budgets(model, sample, options.pop("budget"), args.block)
+        print(f"layer budgets for {budget}: {options['layer_budgets']}", flush=True)
+    return options
+
+
+def _plot(summary: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    full = [r for r in summary if r["method"] == "full"]
+    if full:
+        ax.axhline(full[0]["accuracy"], color="black", linestyle="--", label="full KV")
+    for method in dict.fromkeys(r["method"] for r in summary if r["method"] != "full"):
+        rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["compression"])
+        ax.plot([r["compression"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression (context tokens / KV budget per layer)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--benchmark", choices=("niah", "locomo"), default="locomo")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--budgets", type=ints, default=[256, 512, 1024], help="KV slots per layer")
+    p.add_argument("--lengths", type=ints, default=[1024], help="niah: prompt lengths")
+    p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--conversations", type=int, default=8, help="locomo: conversations")
+    p.add_argument("--sessions", type=int, default=6, help="locomo: sessions per conversation")
+    p.add_argument("--questions", type=int, default=4, help="locomo: questions per conversation")
+    p.add_argument("--block", type=int, default=256, help="prefill block for block-wise methods")
+    p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--patched-tokens", type=int, default=128, help="epicache: patched prompt length")
+    p.add_argument("--kernel-size", type=int, default=1, help="repeat-block/epicache: max-pool scores over keys")
+    p.add_argument("--profile-tokens", type=int, default=4096, help="epicache-layers: profile sample length")
+    p.add_argument("--segment", type=int, default=4, help="utterances (locomo) / sentences (niah) per segment")
+    p.add_argument("--compiler", default="aot_eager")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/question_agnostic")
+    p.add_argument("--resume", action="store_true", help="keep --out's finished (method, budget) cells, run the rest")
+    args = p.parse_args()
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    torch.set_num_threads(args.threads)
+
+    import kvpass.models
+
+    from kvpass.episodic import EpisodicCache, answer, compress_context
+    from kvpass.eval.grid import stop_ids_for
+
+    model, tok = kvpass.models.load(args.model)
+    stop = stop_ids_for(tok)
+    contexts = _contexts(args.benchmark, tok, args)
+    out = Path(args.out)
+    meta = {"args": vars(args), "date": dt.date.today().isoformat(), "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    records = json.loads((out / "results.json").read_text())["records"] if args.resume else []
+    done = {(r["method"], r["budget"]) for r in records}
+    longest = max(len(c["context"]) for c in contexts)
+    for method in methods:
+        for budget in [None] if method == "full" else args.budgets:
+            if (method, budget) in done:
+                continue
+            torch._dynamo.reset()
+            # full: room for the longest context, its question and answer (nothing is ever evicted)
+            options = _options(method, longest + 128 if budget is None else budget, args, model, tok)
+            forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
+            for c in contexts:
+                n = len(c["context"])
+                t0 = time.perf_counter()
+                if method.startswith("epicache"):
+                    epi = EpisodicCache(forward, model, options, seed=args.seed)
+                    segments = _segments(tok, c["context"], args.segment, newline=args.benchmark == "locomo")
+                    epi.build(c["context"], segments)
+                else:
+                    ctx = compress_context(forward, model, options, c["context"],
+                                           observe="repeat" if method == "repeat-block" else None)
+                compress_s = time.perf_counter() - t0
+                for q_ids, sample, span in c["questions"]:
+                    routed_ok = None
+                    if method.startswith("epicache"):
+                        tokens, episode = epi.answer(q_ids, sample.max_new_tokens, stop)
+                        kept = _span_kept(epi.contexts[episode], span)
+                        held = [i for i, (s, e) in enumerate(segments) if s < span[1] and span[0] < e]
+                        routed_ok = bool(epi.route(q_ids) in {int(epi.labels[i]) for i in held})
+                    else:
+                        tokens = answer(forward, model, options, ctx, q_ids, sample.max_new_tokens, stop)
+                        kept = _span_kept(ctx, span)
+                    text = tok.decode(tokens, skip_special_tokens=True)
+                    records.append({
+                        "method": method, "budget": budget, "context": c["uid"], "context_tokens": n,
+                        "uid": sample.uid, "answer": sample.answers[0], "output": text,
+                        "correct": sample.is_correct(text), "span_kept": kept, "routed_to_fact": routed_ok,
+                        "compress_s": round(compress_s, 2),
+                    })  # fmt: skip
+                    print(f"{method:>13} {budget or 'all':>5} {sample.uid}: {text!r} (want {sample.answers[0]}, "
+                          f"{'ok' if records[-1]['correct'] else 'wrong'}; span kept {kept:.2f}"
+                          f"{'' if routed_ok is None else f', routed to fact {routed_ok}'})", flush=True)
+            _write(out, meta, records, complete=False)
+
+    _write(out, meta, records, complete=True)
+    summary = _summarize(records)
+    header = ("method", "budget", "compr.", "acc", "span kept", "routed", "compress s, median")
+    print("\n" + " ".join(f"{h:>{w}}" for h, w in zip(header, (13, 6, 6, 5, 9, 6, 18), strict=True)))
+    for s in summary:
+        routed = "-" if s["routed_to_fact"] is None else f"{s['routed_to_fact']:.2f}"
+        print(f"{s['method']:>13} {s['budget'] or 'all':>6} {s['compression']:>6.2f} {s['accuracy']:>5.2f} "
+              f"{s['span_kept']:>9.2f} {routed:>6} {s['compress_s']:>18.1f}")
+    title = (f"{args.model}, question-agnostic {args.benchmark}-style QA "
+             f"({len(contexts)} contexts, {summary[0]['n']} questions)")
+    _plot(summary, title, out / "accuracy_vs_compression.png")
+    print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_compression.png'}")
+
+
+def _summarize(records: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["budget"])].append(r)
+    summary = []
+    for (method, budget), rs in groups.items():
+        mean_ctx = statistics.fmean(r["context_tokens"] for r in rs)
+        routed = [r["routed_to_fact"] for r in rs if r["routed_to_fact"] is not None]
+        summary.append({
+            "method": method, "budget": budget, "n": len(rs), "accuracy": statistics.fmean(r["correct"] for r in rs),
+            "compression": 1.0 if budget is None else mean_ctx / budget,
+            "span_kept": statistics.fmean(r["span_kept"] for r in rs),
+            "routed_to_fact": statistics.fmean(routed) if routed else None,
+            "compress_s": statistics.median(r["compress_s"] for r in rs),  # the first context pays the compiles
+        })  # fmt: skip
+    return summary
+
+
+def _write(out: Path, meta: dict, records: list[dict], complete: bool) -> None:
+    """``results.json`` after every cell, so an interrupted run keeps (and ``--resume`` reuses) what it measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"meta": {**meta, "complete": complete}, "summary": _summarize(records), "records": records}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
