@@ -71,3 +71,19 @@ def test_episodic_cache_rejects_bad_input_quoting_it():
         epi.build(list(range(1, 40)), [(0, 10), (10, 20), (30, 50)])
     with pytest.raises(RuntimeError, match="build\\(\\) must run"):
         epi.route([1, 2])
+
+
+def test_answer_after_compression_to_per_layer_budgets():
+    # HF sizes one multi-token mask from layer 0's cache, so a question appended to stores of different
+    # lengths is fed token by token
+    model = tiny_model()
+    n_layers = model.config.num_hidden_layers
+    budgets = [16 + 8 * i for i in range(n_layers)]
+    forward, options = compiled(model, policy="snapkv", layer_budgets=budgets, prefill_block=16, window=8)
+    context = torch.randint(1, 128, (100,), generator=torch.Generator().manual_seed(6)).tolist()
+    ctx = compress_context(forward, model, options, context)
+    assert [layer.keys.shape[2] for layer in ctx.cache.layers] == budgets
+    tokens = answer(forward, model, options, ctx, [5, 6, 7, 8], 4)
+    assert len(tokens) == 4
+    assert [layer.keys.shape[2] for layer in ctx.cache.layers] == budgets  # the context stays reusable
+    assert answer(forward, model, options, ctx, [5, 6, 7, 8], 4) == tokens
