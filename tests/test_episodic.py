@@ -1,5 +1,6 @@
 """Question-agnostic compression (compress once, answer later) and EpiCache's episodic caches."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -87,3 +88,26 @@ def test_answer_after_compression_to_per_layer_budgets():
     assert len(tokens) == 4
     assert [layer.keys.shape[2] for layer in ctx.cache.layers] == budgets  # the context stays reusable
     assert answer(forward, model, options, ctx, [5, 6, 7, 8], 4) == tokens
+
+
+def test_episodic_cache_clusters_and_routes_with_a_given_embedding():
+    model = tiny_model()
+    forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, window=8, episodes=2)
+    g = torch.Generator().manual_seed(7)
+    segments, context = [], []
+    for i in range(6):
+        low = 1 if i % 2 == 0 else 64
+        seg = torch.randint(low, low + 63, (12,), generator=g).tolist()
+        segments.append((len(context), len(context) + len(seg)))
+        context += seg
+    seen = []
+
+    def embed(batch):  # one feature: is the span from the upper half of the vocabulary
+        seen.append(len(batch))
+        return np.array([[float(np.mean(ids) >= 64)] for ids in batch])
+
+    epi = EpisodicCache(forward, model, options, embed=embed)
+    epi.build(context, segments)
+    assert seen == [6]  # every segment embedded in one batch
+    assert list(epi.labels[::2]) == [epi.labels[0]] * 3 and list(epi.labels[1::2]) == [epi.labels[1]] * 3
+    assert epi.route([100, 110, 120]) == epi.labels[1] and epi.route([2, 3]) == epi.labels[0]
