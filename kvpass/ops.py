@@ -159,8 +159,8 @@ _FEW_EVICTIONS = 8
 def kept_indices(rank: Tensor, n_keep: int) -> Tensor:
     """Indices (ascending) of the ``n_keep`` highest-``rank`` slots per row of ``[B, H, N]`` (ties: any valid choice).
 
-    Decode evicts only a few slots: find those with a small ``topk`` and shift ``arange(n_keep)`` past
-    each (in ascending order) instead of sorting ``N`` scores twice.
+    Decode evicts only a few slots: find those with ``argmin`` (one) or a small ``topk`` and shift
+    ``arange(n_keep)`` past each (in ascending order) instead of sorting ``N`` scores twice.
     """
     n = rank.shape[-1]
     n_evict = n - n_keep
@@ -169,7 +169,10 @@ def kept_indices(rank: Tensor, n_keep: int) -> Tensor:
     idx = torch.arange(n_keep, device=rank.device).expand(*rank.shape[:-1], n_keep)
     if n_evict == 0:
         return idx.contiguous()
-    evicted = rank.topk(n_evict, dim=-1, largest=False).indices.sort(dim=-1).values
+    if n_evict == 1:  # a decode step: argmin is a reduction Inductor fuses; topk and sort are library calls
+        evicted = rank.argmin(dim=-1, keepdim=True)
+    else:
+        evicted = rank.topk(n_evict, dim=-1, largest=False).indices.sort(dim=-1).values
     for i in range(n_evict):
         idx = idx + (idx >= evicted[..., i : i + 1]).to(idx.dtype)
     return idx
