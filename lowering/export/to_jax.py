@@ -211,6 +211,10 @@ def _ops() -> dict[Any, Callable]:
         aten.all.default: lambda x: jnp.all(x),
         aten.amax.default: reduce(jnp.max),
         aten.amin.default: reduce(jnp.min),
+        aten.argmin.default: lambda x, dim=None, keepdim=False: jnp.argmin(
+            x, axis=None if dim is None else dim % x.ndim, keepdims=keepdim),
+        aten.argmax.default: lambda x, dim=None, keepdim=False: jnp.argmax(
+            x, axis=None if dim is None else dim % x.ndim, keepdims=keepdim),
         aten.sum.dim_IntList: reduce(jnp.sum),
         aten.sum.default: lambda x, dtype=None: jnp.sum(x),
         aten.mean.dim: reduce(jnp.mean),
