@@ -85,6 +85,19 @@ def test_artifact_in_fresh_process_matches_compiled_model(fmt, reference, tmp_pa
     assert generate_in_fresh_process(out) == reference
 
 
+def test_jax_breaks_decode_eviction_ties_like_torch(tmp_path):
+    # SnapKV's default window (64) exceeds the budget (16): every slot is protected, so each decode eviction is a
+    # tie among all slots; torch's and JAX's argmin both take the first, so the tokens still agree
+    options = {"policy": "snapkv", "budget": BUDGET}
+    torch._dynamo.reset()
+    model = tiny_model()
+    model.forward = torch.compile(model.forward, backend="kvpass", options={**options, "compiler": "aot_eager"})
+    expected = greedy(model, prompt_ids())
+    torch._dynamo.reset()
+    out = export(tiny_model(), tmp_path / "jax", format="jax", prompt_len=PROMPT, progress=False, **options)
+    assert kvpass.load(out).generate(prompt_ids(), STEPS) == expected
+
+
 def test_loader_does_not_import_the_model_code(tmp_path):
     export(tiny_model(), tmp_path / "a", progress=False, **OPTIONS)
     code = (f"import sys, kvpass; m = kvpass.load({str(tmp_path / 'a')!r}); m.generate([1, 2, 3], 2); "
