@@ -93,6 +93,9 @@ class EpisodicCache:
         if opts.policy.name != "epicache" or opts.episodes is None:
             raise ValueError(f"kvpass: EpisodicCache needs options with policy 'epicache' and 'episodes'; got "
                              f"{options!r}")
+        if embed is not None and not callable(embed):
+            raise TypeError(f"kvpass: EpisodicCache's embed must map token-id lists to vectors (a callable); got "
+                            f"{embed!r}")
         self.forward, self.model, self.options, self.seed = forward, model, options, seed
         self.embed = embed or self.embed_input_mean
         self.episodes = opts.episodes
@@ -119,6 +122,9 @@ class EpisodicCache:
                 raise ValueError(
                     f"kvpass: segment {(start, end)} is not a span of the {len(context_ids)}-token context")
         vectors = np.asarray(self.embed([context_ids[s:e] for s, e in segments]), dtype=np.float64)
+        if vectors.ndim != 2 or vectors.shape[0] != len(segments):
+            raise ValueError(f"kvpass: embed returned an array of shape {vectors.shape} for {len(segments)} segments; "
+                             "it must return one row per segment")
         kmeans = KMeans(n_clusters=self.episodes, n_init=10, random_state=self.seed).fit(vectors)
         self.centroids = kmeans.cluster_centers_
         self.labels = kmeans.labels_  # episode of each segment

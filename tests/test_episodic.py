@@ -13,6 +13,18 @@ def compiled(model, **options):
     return torch.compile(model.forward, backend="kvpass", options=options, dynamic=True), options
 
 
+def two_topic_context(n_segments: int, seed: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Two "topics": 12-token segments alternately drawn from the lower and upper half of the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    segments, context = [], []
+    for i in range(n_segments):
+        low = 1 if i % 2 == 0 else 64
+        seg = torch.randint(low, low + 63, (12,), generator=g).tolist()
+        segments.append((len(context), len(context) + len(seg)))
+        context += seg
+    return context, segments
+
+
 def test_compress_then_answer_equals_full_kv_greedy_when_the_budget_covers_everything():
     ref_model, model = tiny_model(), tiny_model()
     ids = torch.randint(1, 128, (1, 90), generator=torch.Generator().manual_seed(3))
@@ -40,14 +52,7 @@ def test_repeat_observation_compresses_to_the_budget_and_keeps_the_context_reusa
 def test_episodic_cache_builds_one_cache_per_episode_and_routes_questions():
     model = tiny_model()
     forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, window=8, episodes=2)
-    g = torch.Generator().manual_seed(5)
-    # two "topics": segments drawn from disjoint halves of the vocabulary
-    segments, context = [], []
-    for i in range(8):
-        low = 1 if i % 2 == 0 else 64
-        seg = torch.randint(low, low + 63, (12,), generator=g).tolist()
-        segments.append((len(context), len(context) + len(seg)))
-        context += seg
+    context, segments = two_topic_context(8, seed=5)
     epi = EpisodicCache(forward, model, options)
     epi.build(context, segments)
     assert len(epi.contexts) == 2 and all(len(p) == 8 for p in epi.patched_prompts)
@@ -72,6 +77,11 @@ def test_episodic_cache_rejects_bad_input_quoting_it():
         epi.build(list(range(1, 40)), [(0, 10), (10, 20), (30, 50)])
     with pytest.raises(RuntimeError, match="build\\(\\) must run"):
         epi.route([1, 2])
+    with pytest.raises(TypeError, match="a callable\\); got 'minilm'"):
+        EpisodicCache(forward, model, options, embed="minilm")
+    flat = EpisodicCache(forward, model, options, embed=lambda batch: np.zeros(len(batch)))
+    with pytest.raises(ValueError, match=r"shape \(3,\) for 3 segments; it must return one row per segment"):
+        flat.build(list(range(1, 40)), [(0, 10), (10, 20), (20, 30)])
 
 
 def test_answer_after_compression_to_per_layer_budgets():
@@ -93,13 +103,7 @@ def test_answer_after_compression_to_per_layer_budgets():
 def test_episodic_cache_clusters_and_routes_with_a_given_embedding():
     model = tiny_model()
     forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, window=8, episodes=2)
-    g = torch.Generator().manual_seed(7)
-    segments, context = [], []
-    for i in range(6):
-        low = 1 if i % 2 == 0 else 64
-        seg = torch.randint(low, low + 63, (12,), generator=g).tolist()
-        segments.append((len(context), len(context) + len(seg)))
-        context += seg
+    context, segments = two_topic_context(6, seed=7)
     seen = []
 
     def embed(batch):  # one feature: is the span from the upper half of the vocabulary

