@@ -7,7 +7,9 @@ reshapes, transposes) to the tensor the model writes into its cache:
 
 * ``cat([past, new], dim=-2)`` — DynamicCache; ``past`` is a graph input (decode) or an empty
   constant (first forward);
-* ``index_copy_`` — StaticCache, which preallocates every position and so cannot be compressed.
+* ``buffer.index_copy_(2, index, new)`` — StaticCache: ``buffer`` (a graph input, or allocated in the
+  graph on the cache's first update) is a fixed-size tensor the cache keeps at one address; kvpass
+  uses it as the store itself and writes the compacted store back into it in place.
 """
 
 from __future__ import annotations
@@ -67,9 +69,15 @@ class AttentionSite:
     scale: float
     window: int = 0           # sliding-window length of the layer (0: full attention)
     layer: int = -1
+    # StaticCache: the in-place ``index_copy_`` writes of new keys and values into the buffers ``keys`` and
+    # ``values`` (which are then also ``key_write``/``value_write``); None for a DynamicCache
+    static_writes: tuple[fx.Node, fx.Node] | None = None
 
     def describe(self) -> str:
         past = "store input" if self.past_keys is not None else "empty (first forward)"
+        if self.static_writes:
+            past = f"StaticCache buffer of {node_value(self.keys).shape[2]} slots" + (
+                "" if self.past_keys is not None else " (allocated by this forward)")
         window = f", sliding window {self.window}" if self.window else ""
         return f"layer {self.layer}: {self.kind} attention at '{self.attn.name}', cache={past}{window}"
 
@@ -95,6 +103,16 @@ def trace_to_source(node: fx.Node) -> fx.Node:
 def _is_index_copy(node: fx.Node) -> bool:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     return any(n in str(name) for n in INDEX_COPY_NAMES)
+
+
+def _static_write(buffer: fx.Node) -> fx.Node | None:
+    """The ``buffer.index_copy_(2, index, new)`` that writes a StaticCache layer, or None."""
+    for user in buffer.users:
+        if user.op == "call_method" and user.target == "index_copy_" and user.args[0] is buffer and (
+            user.args[1] in (2, -2) and len(user.args) == 4
+        ):
+            return user
+    return None
 
 
 def _cache_parts(source: fx.Node) -> tuple[fx.Node | None, bool]:
@@ -188,8 +206,18 @@ def _eager_site(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, f
     return pv, q, k_t, pv.args[1], mask, scale
 
 
+def _static_site(kind, attn, q, k_buf, v_buf, k_write, v_write, mask, scale) -> AttentionSite:
+    """A site reading StaticCache buffers: the buffers are the store (graph inputs, or allocated by a first forward)."""
+    shapes = {tuple(node_value(n).shape) for n in (k_buf, v_buf)} if node_value(k_buf) is not None else set()
+    if len(shapes) > 1:
+        raise UnsupportedGraph(f"kvpass: StaticCache keys and values of '{attn.name}' differ in shape: {shapes}")
+    past_k, past_v = (n if n.op == "placeholder" else None for n in (k_buf, v_buf))
+    return AttentionSite(kind, attn, q, k_buf, v_buf, k_buf, v_buf, past_k, past_v, mask, scale,
+                         static_writes=(k_write, v_write))
+
+
 def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
-    """Every attention site that reads a DynamicCache-style cache write, in graph (= layer) order.
+    """Every attention site that reads a DynamicCache ``cat`` or a StaticCache buffer, in graph (= layer) order.
 
     Raises :class:`UnsupportedGraph` naming what was found when a site cannot be rewritten.
     """
@@ -219,12 +247,17 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         found_attention += 1
         kind, attn, q, k, v, mask, scale = parts
         k_src, v_src = trace_to_source(k), trace_to_source(v)
+        static_k, static_v = _static_write(k_src), _static_write(v_src)
+        if static_k is not None and static_v is not None:
+            sites.append(_static_site(kind, attn, q, k_src, v_src, static_k, static_v, mask, scale))
+            continue
         for src in (k_src, v_src):
             if _is_index_copy(src) or any(_is_index_copy(u) for u in src.users):
                 raise UnsupportedGraph(
-                    f"kvpass: attention at '{attn.name}' reads a StaticCache (in-place index_copy_ writes at "
-                    f"'{src.name}'); a StaticCache preallocates every position and cannot be compressed. "
-                    "Use the default DynamicCache: kvpass's store already has a fixed capacity."
+                    f"kvpass: attention at '{attn.name}' reads keys/values written by '{src.name}' with an "
+                    "index_copy that is not a StaticCache layer's in-place write of new tokens along the sequence "
+                    "dimension (a functional index_copy, as in an export graph of a StaticCache model, or a "
+                    "sliding-window StaticCache layer); use the default DynamicCache"
                 )
         past_k, k_is_cache = _cache_parts(k_src)
         past_v, v_is_cache = _cache_parts(v_src)
@@ -242,6 +275,12 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         sites.append(site)
     for i, site in enumerate(sites):  # graph order is layer order, in prefill and decode graphs alike
         site.layer = i
+    static_slots = {node_value(s.keys).shape[2] for s in sites if s.static_writes}
+    if len(static_slots) > 1:
+        raise UnsupportedGraph(
+            f"kvpass: the StaticCache's layers hold different numbers of slots {sorted(static_slots)} (sliding-window "
+            "layers?); kvpass supports a StaticCache of full-attention layers only — use the default DynamicCache"
+        )
     if not sites:
         ops = sorted({str(getattr(n.target, "__name__", n.target)) for n in graph.nodes if n.op == "call_function"})
         raise UnsupportedGraph(

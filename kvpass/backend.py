@@ -35,13 +35,19 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
         warnings.warn(f"{err}\nkvpass: fallback=True, compiling this graph WITHOUT KV compression",
                       stacklevel=2)
         return _compile(gm, example_inputs, opts)
-    if any(site.past_keys is not None for site in sites) and not any(
+    # a StaticCache counts every token itself, so HF derives true positions from it; a compressed DynamicCache does not
+    if any(site.past_keys is not None and not site.static_writes for site in sites) and not any(
         n.op == "placeholder" and ("position_ids" in n.name or "cache_position" in n.name) for n in gm.graph.nodes
     ):
         raise UnsupportedGraph(
             "kvpass: this decode step takes no position_ids input, so the model derives token positions from "
             "the cache length — which kvpass keeps at the budget, giving RoPE wrong positions. Pass "
             "position_ids= with the tokens' true positions (generate() does)."
+        )
+    if opts.prefill_block is not None and any(site.static_writes for site in sites):
+        raise UnsupportedGraph(
+            f"kvpass: option 'prefill_block'={opts.prefill_block} needs the default DynamicCache; this forward writes "
+            "a StaticCache, whose buffers are already the fixed-capacity store"
         )
     session = session_for(opts, options)
     if _blockwise(opts, sites):
@@ -73,7 +79,10 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
 
     def run(*args):
         outs = compiled(*args, *session.state_inputs(plans, args))
-        session.update(plans, outs, n_outputs, key_output_index)
+        stores = {layer: outs[k] for layer, k in key_output_index.items()}
+        # a StaticCache's buffers were written in place: the store is the input
+        stores.update({p.layer: args[p.past_index] for p in plans if p.layer not in stores})
+        session.update(plans, outs, n_outputs, stores)
         return outs[:n_outputs]
 
     return run
@@ -121,6 +130,8 @@ def _store_outputs(gm: fx.GraphModule, plans, n_outputs: int) -> dict[int, tuple
     outputs = list(gm.graph.output_node().args[0])[:n_outputs]
     result = {}
     for plan in plans:
+        if plan.static and plan.past_index is not None:  # written into the StaticCache's buffers, not returned
+            continue
         compacted = plan.state_outputs[0].args[0]  # pos_store = getitem(compacted, 2)
         k, v = (next(i for i, n in enumerate(outputs) if isinstance(n, fx.Node) and n.op == "call_function"
                      and n.args == (compacted, j)) for j in (0, 1))

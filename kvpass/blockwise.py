@@ -185,7 +185,8 @@ class BlockwiseRunner:
                 if j not in layout.token_outputs and j not in stores_out and isinstance(x, torch.Tensor) \
                         and x.is_floating_point():
                     outs[j] = torch.full_like(x, float("nan"))
-        self.session.update(self.plans, outs, self.n_outputs, {k: ks for k, (ks, _) in self.store_outputs.items()})
+        stores = {layer: outs[k] for layer, (k, _) in self.store_outputs.items()}
+        self.session.update(self.plans, outs, self.n_outputs, stores)
         return outs[: self.n_outputs]
 
 

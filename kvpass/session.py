@@ -52,7 +52,8 @@ class Session:
         """Metadata inputs of a decode graph, in plan order.
 
         A store this session did not produce (a cache filled by an uncompiled forward, say) is adopted
-        as-is: every slot real, positions 0..C-1.
+        as-is: every slot real, positions 0..C-1. For a StaticCache buffer the graph adopts it instead
+        (it knows how many tokens the cache holds): ``seen = -1`` asks it to.
         """
         inputs: list[torch.Tensor] = []
         for plan in plans:
@@ -64,18 +65,20 @@ class Session:
                 b, h, c, _ = store.shape
                 pos = torch.arange(c, device=store.device).expand(b, h, c).contiguous()
                 state = LayerState(pos, torch.zeros(b, h, c, device=store.device),
-                                   torch.full((b,), c, dtype=torch.int64, device=store.device), store)
+                                   torch.full((b,), -1 if plan.static else c, dtype=torch.int64, device=store.device),
+                                   store)
                 self.adopted_caches += 1
             inputs += [state.pos, state.acc, state.seen]
         return inputs
 
     def update(self, plans: list[LayerPlan], outputs: list[torch.Tensor], n_outputs: int,
-               key_output_index: dict[int, int]) -> None:
+               stores: dict[int, torch.Tensor]) -> None:
+        """Record each layer's metadata (trailing ``outputs``) for the key store it describes (``stores``)."""
         self.forwards += 1
         extra = outputs[n_outputs:]
         for i, plan in enumerate(plans):
             pos, acc, seen = extra[3 * i : 3 * i + 3]
-            self.layers[plan.layer] = LayerState(pos, acc, seen, outputs[key_output_index[plan.layer]])
+            self.layers[plan.layer] = LayerState(pos, acc, seen, stores[plan.layer])
 
     def real_tokens(self, layer: int, keys: torch.Tensor) -> int | None:
         state = self.layers.get(layer)

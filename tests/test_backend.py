@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_model
-from transformers import DynamicCache, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 import kvpass
 from kvpass.analysis import UnsupportedGraph, find_attention_sites
@@ -170,16 +170,130 @@ def test_graph_without_attention_is_an_error_unless_fallback_is_asked():
     assert any("WITHOUT KV compression" in str(w.message) for w in caught)
 
 
-def test_use_cache_false_and_static_cache_are_refused_by_name():
+def test_use_cache_false_is_refused_by_name():
     model = tiny_model()
     forward = compiled(model, policy="h2o", budget=8)
     with pytest.raises(Exception, match="not written to a KV cache"):
         forward(input_ids=torch.randint(0, 128, (1, 10)), use_cache=False)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_covering_the_sequence_is_exact(attn):
+    model = tiny_model("llama", attn)
+    ids, mask = padded_batch()
+    ref = generate(model, ids, mask)
+    model.forward = compiled(model, policy="h2o", budget=38)
+    out = generate(model, ids, mask, past_key_values=StaticCache(config=model.config, max_cache_len=38))
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert kvpass.explain().graphs[1]["counters"]["static_cache_sites"] == 2
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "streaming_llm", "tova"])
+def test_static_cache_is_the_store_and_keeps_what_a_dynamic_cache_keeps(policy):
+    """A StaticCache of budget slots per layer holds kvpass's store in place: generate() gives the same
+    tokens and logits as with the default DynamicCache, on a left-padded batch whose prompt is 2.5x the budget."""
+    ids, mask = padded_batch(length=80)
+    model = tiny_model()
+    model.forward = compiled(model, policy=policy, budget=32)
+    ref = generate(model, ids, mask, steps=10)
     torch._dynamo.reset()
+    model = tiny_model()
+    model.forward = compiled(model, policy=policy, budget=32)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    out = generate(model, ids, mask, steps=10, past_key_values=cache)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    stats = kvpass.kv_stats(cache)
+    assert [s.slots for s in stats] == [32, 32]
+    assert [s.real_tokens for s in stats] == [2 * 2 * 32] * 2  # batch x kv heads x budget
+    assert cache.layers[0].keys.shape == (2, 2, 32, 16)  # the buffers HF allocated keep their size
+
+
+def test_static_cache_decode_compiles_once_and_a_reset_cache_starts_empty():
+    model = tiny_model()
+    compiles = []
+
+    def counting_backend(gm, example_inputs, **kw):
+        compiles.append(gm)
+        return kvpass_backend(gm, example_inputs, **kw)
+
+    forward = torch.compile(model.forward, backend=counting_backend,
+                            options={"policy": "h2o", "budget": 16, "compiler": "aot_eager"})
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    torch.manual_seed(5)
+    ids = torch.randint(0, 128, (1, 40))
+
+    def greedy(steps=20):
+        logits = forward(input_ids=ids, past_key_values=cache, position_ids=torch.arange(40)[None]).logits
+        tokens = []
+        for step in range(steps):
+            tokens.append(logits[:, -1:].argmax(-1))
+            logits = forward(input_ids=tokens[-1], past_key_values=cache,
+                             position_ids=torch.tensor([[40 + step]])).logits
+            assert [s.real_tokens for s in kvpass.kv_stats(cache)] == [2 * 16] * 2
+        return torch.cat(tokens, dim=1)
+
+    first = greedy()
+    cache.reset()  # the same buffers, now a graph input from the first forward on: adopted as empty in the graph
+    second = greedy()
+    assert torch.equal(first, second)
+    assert len(compiles) == 3  # prefill allocating the buffers, prefill into existing ones, decode
+
+
+def test_static_cache_stays_compressed_under_generates_own_compile():
+    # generate() compiles the forward of a model with a StaticCache on GPUs; forced on here (a private
+    # CompileConfig flag) to check that kvpass's compiled forward still runs inside it
+    model = tiny_model()
+    ids, mask = padded_batch(length=80, batch=1)
+    model.forward = compiled(model, policy="h2o", budget=32)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    outer = CompileConfig(backend="eager")
+    outer._compile_all_devices = True
+    generate(model, ids, mask, steps=6, past_key_values=cache, compile_config=outer)
+    assert model._compiled_call is not None
+    assert kvpass.explain().forwards == 6
+    assert [s.real_tokens for s in kvpass.kv_stats(cache)] == [2 * 32] * 2
+
+
+def test_static_cache_takes_multi_token_appends_with_per_layer_budgets():
+    """HF sizes every layer's mask from the StaticCache's buffer size, so unlike a DynamicCache whose
+    layers hold different budgets, a follow-up of several tokens works; exact while the budgets cover it."""
+    model = tiny_model()
+    torch.manual_seed(2)
+    prompt, follow = torch.randint(0, 128, (1, 60)), torch.randint(0, 128, (1, 5))
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=full)
+        ref = model(input_ids=follow, past_key_values=full, position_ids=torch.arange(60, 65)[None]).logits
+    for budgets in ((80, 70), (24, 12)):
+        torch._dynamo.reset()
+        forward = compiled(model, policy="h2o", layer_budgets=budgets)
+        cache = StaticCache(config=model.config, max_cache_len=budgets[0])
+        forward(input_ids=prompt, past_key_values=cache, position_ids=torch.arange(60)[None])
+        out = forward(input_ids=follow, past_key_values=cache, position_ids=torch.arange(60, 65)[None]).logits
+        real = [min(b, 65) * 2 for b in budgets]  # x 2 kv heads
+        assert [s.real_tokens for s in kvpass.kv_stats(cache)] == real
+        if budgets[1] >= 65:
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_static_cache_sized_unlike_the_budget_is_refused_with_the_fix():
+    model = tiny_model()
     forward = compiled(model, policy="h2o", budget=8)
     cache = StaticCache(config=model.config, max_cache_len=32)
-    with pytest.raises(Exception, match="StaticCache"):
+    with pytest.raises(Exception, match=r"StaticCache holds 32 slots.*max_cache_len=8"):
         forward(input_ids=torch.randint(0, 128, (1, 10)), past_key_values=cache, position_ids=torch.arange(10)[None])
+    torch._dynamo.reset()
+    for options, match in (({"ratio": 0.5}, "'ratio'=0.5 cannot size a StaticCache"),
+                           ({"budget": 32, "prefill_block": 8}, "'prefill_block'=8 needs the default DynamicCache")):
+        forward = compiled(model, policy="h2o", **options)
+        with pytest.raises(Exception, match=match):
+            forward(input_ids=torch.randint(0, 128, (1, 10)), past_key_values=StaticCache(config=model.config,
+                    max_cache_len=32), position_ids=torch.arange(10)[None])
+        torch._dynamo.reset()
 
 
 def test_bad_options_fail_at_compile_with_the_value_quoted():

@@ -25,6 +25,7 @@ class LayerPlan:
     past_index: int | None          # position of the past-keys input among the graph's inputs
     state_inputs: tuple[fx.Node, ...] = ()   # pos, acc, seen placeholders (decode graphs)
     state_outputs: tuple[fx.Node, ...] = ()  # pos, acc, seen after this forward
+    static: bool = False            # the store is a StaticCache buffer, written in place
 
 
 class InsertKVEviction:
@@ -39,6 +40,14 @@ class InsertKVEviction:
     ``budget`` slots; per layer the graph takes (decode) and returns the store metadata
     ``pos [B,H_kv,budget]``, ``acc [B,H_kv,budget]``, ``seen [B]`` as extra trailing inputs/outputs,
     in layer order. ``counters`` counts rewritten sites by kind.
+
+    StaticCache sites: the cache's buffers are the store (capacity = their length, which must equal the
+    largest layer budget). A first forward that allocates them gets the prefill rewrite, its store
+    returned in their place; with buffers as inputs the ``index_copy_`` writes are removed, the
+    candidates are ``cat(buffer, new)`` and the compacted store is copied back into the buffers in place.
+    Store metadata the session does not know (``seen < 0``) or a cache holding no tokens yet (its write
+    index starts at 0) is adopted in the graph: slot ``i`` holds position ``i`` for ``i`` below the
+    cache's token count. Left padding of a first forward is read from ``position_ids``.
 
     With ``block`` (from :class:`~kvpass.passes.BlockwisePrefill`), sites with a store input take the
     block's ``valid`` flags for their new tokens, and its ``observe`` tokens get positions (they attend
@@ -87,8 +96,13 @@ class InsertKVEviction:
         is_decode = site.past_keys is not None
         budget, capacity = self.budget(site, n_layers, n_new, is_decode and block is None)
         spec = self.options.policy.spec()
+        keys, values = site.keys, site.values
         with graph.inserting_before(site.attn):
             g = graph.call_function
+            if site.static_writes:
+                new_keys, new_values = site.static_writes[0].args[3], site.static_writes[1].args[3]
+                keys = g(torch.cat, ([site.keys, new_keys],), {"dim": 2}) if is_decode else new_keys
+                values = g(torch.cat, ([site.values, new_values],), {"dim": 2}) if is_decode else new_values
             if is_decode:
                 # placeholders for the state; swapped for real graph inputs by __call__
                 pos = g(torch.empty, ((0,),))
@@ -100,18 +114,24 @@ class InsertKVEviction:
                 else:
                     new_valid = g(torch.ones_like, (g(operator.getitem, (site.q, (slice(None), 0, slice(None), 0))),),
                                   {"dtype": torch.bool})
+                if site.static_writes:
+                    pos, acc, seen, new_valid = self._adopt_static(graph, site, pos, acc, seen, new_valid,
+                                                                   placeholders)
             else:
-                empty = g(operator.getitem, (site.keys, (slice(None), slice(None), slice(0, 0), 0)))
+                empty = g(operator.getitem, (keys, (slice(None), slice(None), slice(0, 0), 0)))
                 pos = g(torch.zeros_like, (empty,), {"dtype": torch.int64})
                 acc = g(torch.zeros_like, (empty,), {"dtype": torch.float32})
-                seen = g(torch.zeros_like, (g(operator.getitem, (site.keys, (slice(None), 0, 0, 0))),),
+                seen = g(torch.zeros_like, (g(operator.getitem, (keys, (slice(None), 0, 0, 0))),),
                          {"dtype": torch.int64})
                 state_inputs = ()
-                new_valid = self._prefill_validity(graph, site)
+                if site.static_writes:
+                    new_valid = self._padding_from_positions(graph, site, placeholders)
+                else:
+                    new_valid = self._prefill_validity(graph, site)
             meta = g(torch.ops.kvpass.extend_meta.default, (pos, acc, seen, new_valid))
             pos_all, acc_all, seen_all = (g(operator.getitem, (meta, i)) for i in range(3))
             attended = g(torch.ops.kvpass.attend.default,
-                         (site.q, site.keys, site.values, pos_all, site.scale, spec, site.window))
+                         (site.q, keys, values, pos_all, site.scale, spec, site.window))
             out, obs = (g(operator.getitem, (attended, i)) for i in range(2))
             if block is not None:  # observation tokens: scored from, never kept, not part of the sequence
                 observed = g(torch.nn.functional.pad, (block.observe, (capacity, 0)), {"value": False})
@@ -119,25 +139,80 @@ class InsertKVEviction:
                 pos_all = g(torch.Tensor.masked_fill, (pos_all, observed, -1))
                 seen_all = g(operator.sub, (seen_all, g(torch.sum, (block.observe,), {"dim": 1})))
             n_new_arg = n_new if isinstance(n_new, int) else g(torch.ops.aten.sym_size.int, (site.q, 2))
-            scored = g(torch.ops.kvpass.score.default, (spec, obs, site.keys, pos_all, acc_all, n_new_arg, budget))
+            scored = g(torch.ops.kvpass.score.default, (spec, obs, keys, pos_all, acc_all, n_new_arg, budget))
             keep, acc_new = (g(operator.getitem, (scored, i)) for i in range(2))
             compacted = g(torch.ops.kvpass.compact.default,
-                          (site.keys, site.values, pos_all, keep, acc_new, budget, capacity, site.window))
+                          (keys, values, pos_all, keep, acc_new, budget, capacity, site.window))
             k_store, v_store, pos_store, acc_store = (g(operator.getitem, (compacted, i)) for i in range(4))
+            if site.static_writes and is_decode:  # the cache keeps its buffers' addresses: write in place
+                # detached: inference (the ops define no gradients), even where parameters require grad
+                graph.call_method("copy_", (site.keys, graph.call_method("detach", (k_store,))))
+                graph.call_method("copy_", (site.values, graph.call_method("detach", (v_store,))))
         site.attn.replace_all_uses_with(out)
         graph.erase_node(site.attn)
+        for write in site.static_writes or ():  # kvpass writes the buffers itself, after compaction
+            graph.erase_node(write)
         output = graph.output_node()
-        output.replace_input_with(site.key_write, k_store)
-        output.replace_input_with(site.value_write, v_store)
+        if not (site.static_writes and is_decode):
+            output.replace_input_with(site.key_write, k_store)
+            output.replace_input_with(site.value_write, v_store)
         self.counters["block_sites" if block is not None else "decode_sites" if is_decode else "prefill_sites"] += 1
         self.counters[f"{site.kind}_sites"] += 1
+        if site.static_writes:
+            self.counters["static_cache_sites"] += 1
         past_index = placeholders.index(site.past_keys) if is_decode else None
         return LayerPlan(site.layer, budget, capacity, past_index, state_inputs,
-                         (pos_store, acc_store, seen_all))
+                         (pos_store, acc_store, seen_all), static=bool(site.static_writes))
+
+    @staticmethod
+    def _adopt_static(graph: fx.Graph, site: AttentionSite, pos, acc, seen, new_valid, placeholders):
+        """Store metadata of a StaticCache buffer, adopted in the graph where the session has none.
+
+        The write index of the first new token is the number of tokens the cache held before this forward
+        (HF counts every token, kept or not). Zero means an empty cache (a new or reset one, whatever the
+        session remembers at that address); the new tokens of such a first forward may be left padding.
+        """
+        g = graph.call_function
+        tokens_before = g(operator.getitem, (site.static_writes[0].args[2], 0))
+        fresh = g(operator.or_, (g(operator.lt, (seen, 0)), g(operator.eq, (tokens_before, 0))))  # [B]
+        slot = g(torch.arange, (node_value(site.keys).shape[2],), {"device": node_value(site.keys).device})
+        adopted = g(torch.where, (g(operator.lt, (slot, tokens_before)), slot, -1))
+        fresh3 = g(operator.getitem, (fresh, (slice(None), None, None)))
+        pos = g(torch.where, (fresh3, adopted, pos))
+        acc = g(torch.where, (fresh3, 0.0, acc))
+        seen = g(torch.where, (fresh, tokens_before, seen))
+        first_valid = InsertKVEviction._padding_from_positions(graph, site, placeholders)
+        new_valid = g(torch.where, (g(operator.eq, (tokens_before, 0)), first_valid, new_valid))
+        return pos, acc, seen, new_valid
+
+    @staticmethod
+    def _padding_from_positions(graph: fx.Graph, site: AttentionSite, placeholders) -> fx.Node:
+        """[B, T] bool: the real tokens of a StaticCache's first forward, from ``position_ids``.
+
+        A StaticCache's mask spans its buffer slots, not the prompt, so padding is read off the positions
+        instead: with left padding the last token is real and the real tokens count 0, 1, ..., its position.
+        """
+        g = graph.call_function
+        positions = next((n for n in placeholders if "position_ids" in n.name), None)
+        q_rows = g(operator.getitem, (site.q, (slice(None), 0, slice(None), 0)))
+        if positions is None:
+            if site.mask is not None and node_value(site.q).shape[2] != 1:
+                raise UnsupportedGraph(
+                    f"kvpass: StaticCache attention at '{site.attn.name}' has a padding mask but the forward takes "
+                    "no position_ids, from which kvpass reads which tokens are padding; pass position_ids= "
+                    "(generate() does)"
+                )
+            return g(torch.ones_like, (q_rows,), {"dtype": torch.bool})
+        index = g(torch.cumsum, (g(torch.ones_like, (q_rows,), {"dtype": torch.int64}), 1))  # 1..T
+        last = g(operator.getitem, (positions, (slice(None), slice(-1, None))))            # [B or 1, 1]
+        n_new = g(torch.ops.aten.sym_size.int, (site.q, 2))
+        return g(operator.gt, (index, g(operator.sub, (n_new, g(operator.add, (last, 1))))))
 
     def budget(self, site: AttentionSite, n_layers: int, n_new, is_decode: bool) -> tuple[int, int]:
         """(tokens kept, store slots) of ``site``'s layer."""
         opts = self.options
+        if site.static_writes:
+            return self._static_budget(site, n_layers)
         if is_decode and opts.ratio is not None:
             # a ratio is a fraction of the prompt: the decode graph keeps what the prefill chose
             store = node_value(site.past_keys).shape[2]
@@ -154,6 +229,27 @@ class InsertKVEviction:
         # stores need the same capacity; without one, each layer's store holds exactly its budget.
         capacity = max(budgets) if site.mask is not None else budget
         return budget, capacity
+
+    def _static_budget(self, site: AttentionSite, n_layers: int) -> tuple[int, int]:
+        """A StaticCache's buffers are the store: every layer's capacity is their length, the largest budget."""
+        opts = self.options
+        slots = node_value(site.keys).shape[2]
+        if opts.ratio is not None:
+            raise UnsupportedGraph(
+                f"kvpass: option 'ratio'={opts.ratio} cannot size a StaticCache, whose buffers hold a fixed {slots} "
+                f"slots per layer; give 'budget'={slots} (or 'layer_budgets' whose largest is {slots})"
+            )
+        budgets = [opts.budget_for(i, n_layers, 0) for i in range(n_layers)]
+        if max(budgets) != slots:
+            given = f"budget={opts.budget}" if opts.budget is not None else "layer_budgets"
+            asked = f"at most {max(budgets)} tokens in a layer ({given})"
+            raise UnsupportedGraph(
+                f"kvpass: the StaticCache holds {slots} slots per layer but the options keep {asked}. kvpass uses the "
+                f"StaticCache's buffers as its fixed-capacity store, so size it to the largest budget: "
+                f"StaticCache(config=model.config, max_cache_len={max(budgets)}), passed as past_key_values= (a "
+                "cache that generate() sizes itself holds the whole sequence and would save nothing)"
+            )
+        return budgets[site.layer], slots
 
     @staticmethod
     def _prefill_validity(graph: fx.Graph, site: AttentionSite) -> fx.Node:
