@@ -7,7 +7,10 @@ Each row runs in a fresh process (clean peak RSS, no shared compile caches):
 
 Rows per (model, context): the full cache in eager HF, and kvpass (Inductor) at each budget; per model
 also plain Inductor with the full cache at each budget's length (the compiled floor: a step over as
-many tokens as kvpass keeps). Decode time is the median over ``--steps`` greedy steps after warm-up.
+many tokens as kvpass keeps). With ``--static-cache``, also kvpass keeping its store in a StaticCache
+of ``budget`` slots (mode ``kvpass-static``). ``--repeats N`` runs every row in N processes (rows
+interleaved) and reports the median one, for steps short enough that process-to-process noise
+dominates. Decode time is the median over ``--steps`` greedy steps after warm-up.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 import kvpass
 
@@ -58,7 +61,7 @@ def run_row(row: dict) -> dict:
     model = load_model(row["model"])
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     forward = model.forward
-    if row["mode"] == "kvpass":
+    if row["mode"] in ("kvpass", "kvpass-static"):
         forward = torch.compile(model.forward, backend="kvpass",
                                 options={"policy": row["policy"], "budget": row["budget"], "compiler": "inductor"})
     elif row["mode"] == "inductor":
@@ -66,8 +69,11 @@ def run_row(row: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, row["context"]), generator=g)
 
-    def once(steps: int) -> tuple[float, list[float], DynamicCache, float]:
-        cache = DynamicCache(config=model.config)
+    def once(steps: int) -> tuple[float, list[float], DynamicCache | StaticCache, float]:
+        if row["mode"] == "kvpass-static":
+            cache = StaticCache(config=model.config, max_cache_len=row["budget"])
+        else:
+            cache = DynamicCache(config=model.config)
         start = time.perf_counter()
         with torch.inference_mode():
             logits = forward(input_ids=ids, past_key_values=cache, position_ids=torch.arange(row["context"])[None],
@@ -115,6 +121,8 @@ def grid(args) -> list[dict]:
             for budget in args.budgets:
                 if budget < context:
                     rows.append({**base, "mode": "kvpass", "context": context, "budget": budget})
+                    if args.static_cache:
+                        rows.append({**base, "mode": "kvpass-static", "context": context, "budget": budget})
     return rows
 
 
@@ -127,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="snapkv", help="kvpass policy (default: %(default)s)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="processes per row, rows interleaved; the row reports the median one (default: %(default)s)")
+    p.add_argument("--static-cache", action="store_true", help="also run kvpass with a StaticCache of budget slots")
     p.add_argument("--out", type=Path, default=Path("results/decode_floor.json"), help="JSON output")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args(argv)
@@ -140,21 +151,30 @@ def main(argv=None) -> int:
     for m in args.models:
         if m not in ("smollm2-135m", "gemma3-270m", "tiny"):
             p.error(f"unknown model {m!r}; valid: smollm2-135m, gemma3-270m, tiny")
-    results = []
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # honest compile times
-    for row in grid(args):
-        proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(row)], capture_output=True, text=True,
-                              env=env)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"row {row} failed")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append(result)
-        compile_s = result["compile_s"]
-        print(f"{result['model']:<13} {result['mode']:<8} ctx {result['context']:>6} budget {str(result['budget']):>5}"
-              f"  decode {result['decode_ms']:7.1f} ms/tok  prefill {result['prefill_s']:6.2f} s"
-              f"  KV {result['kv_bytes'] / 2**20:7.1f} MiB  peak RSS {result['peak_rss_bytes'] / 2**20:6.0f} MiB"
-              + (f"  compile {compile_s:.0f} s" if compile_s else ""), flush=True)
+    rows = grid(args)
+    runs: list[list[dict]] = [[] for _ in rows]
+    for repeat in range(args.repeats):  # rows interleaved, so a drift in the machine's speed hits every row alike
+        for i, row in enumerate(rows):
+            proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(row)], capture_output=True,
+                                  text=True, env=env)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"row {row} failed")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[i].append(result)
+            compile_s = result["compile_s"]
+            print(f"{result['model']:<13} {result['mode']:<13} ctx {result['context']:>6} "
+                  f"budget {str(result['budget']):>5}  decode {result['decode_ms']:7.1f} ms/tok  "
+                  f"prefill {result['prefill_s']:6.2f} s  KV {result['kv_bytes'] / 2**20:7.1f} MiB  "
+                  f"peak RSS {result['peak_rss_bytes'] / 2**20:6.0f} MiB"
+                  + (f"  compile {compile_s:.0f} s" if compile_s else "")
+                  + (f"  (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""), flush=True)
+    results = []
+    for row_runs in runs:  # the median process by decode time, with every process's decode time beside it
+        decode = [r["decode_ms"] for r in row_runs]
+        median = sorted(row_runs, key=lambda r: r["decode_ms"])[(len(row_runs) - 1) // 2]
+        results.append({**median, "decode_ms_per_process": decode})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}", "load_avg_end": os.getloadavg()}

@@ -13,6 +13,9 @@ Per generation length (256, 512), on the same problems:
 * ``window_top1`` / ``elastic_top1`` — the same two with one token committed per step (the
   reference implementation's ``threshold=None`` mode): more steps, so more for a cache to reuse.
 
+``--accuracy-only``: task accuracy alone on many problems (``accuracy.json``), LLaDA run only where
+the threshold rule misses.
+
 Prints and writes (``--out``): task accuracy, token agreement with ``window`` (positions up to the
 reference's first ``<eos>``), recomputed token-layers and wall time per method; a gamma sweep at
 256 (both decoding modes); the per-step refresh depth of one generation (one token per step);
@@ -134,6 +137,34 @@ def gamma_sweep(model, problems, gen_length: int, gammas: list[float], boundary:
     return out
 
 
+def accuracy_check(model, problems, gen_length: int, gamma: float, boundary: str) -> dict:
+    """Task accuracy on many problems, cheaply: the threshold rule without cache, Elastic-Cache at ``gamma``
+    and the one-token-per-step rule; LLaDA's slow no-cache block decoding runs only on the problems the
+    threshold rule misses (does the miss come from parallel decoding or from the model?)."""
+    elastic = ElasticCacheGenerator(model, ElasticConfig(gamma=gamma, boundary=boundary))
+    rules = {"window": lambda x: generate_window(model, x, gen_length),
+             "elastic": lambda x: elastic.generate(x, gen_length),
+             "window_top1": lambda x: generate_window(model, x, gen_length, 16, None)}
+    wrong: dict[str, list[int]] = {name: [] for name in rules}
+    for i, p in enumerate(problems):
+        prompt = torch.tensor([p.prompt_ids()])
+        for name, rule in rules.items():
+            if parse_answer(rule(prompt).tokens[0, prompt.shape[1]:].tolist()) != p.answer:
+                wrong[name].append(i)
+    llada_wrong = []
+    for i in wrong["window"]:
+        prompt = torch.tensor([problems[i].prompt_ids()])
+        out = generate_llada(model, prompt, gen_length, 32, gen_length)
+        if parse_answer(out.tokens[0, prompt.shape[1]:].tolist()) != problems[i].answer:
+            llada_wrong.append(i)
+    n = len(problems)
+    result = {name: {"accuracy": 1 - len(w) / n, "wrong": w} for name, w in wrong.items()}
+    result["llada_on_window_misses"] = {"problems": len(wrong["window"]), "wrong": llada_wrong}
+    print(f"  gen {gen_length}: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result.items() if "accuracy" in v)
+          + f"; LLaDA no-cache misses {len(llada_wrong)} of the {len(wrong['window'])} threshold misses", flush=True)
+    return result
+
+
 def plot(results: dict, out_dir: Path) -> None:
     import matplotlib
 
@@ -189,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--compile", default=None, help="also time Elastic-Cache with its layer graphs compiled "
                     "by this torch.compile backend (e.g. inductor)")
+    ap.add_argument("--accuracy-only", action="store_true",
+                    help="only task accuracy on --problems problems (accuracy.json): see accuracy_check")
     ap.add_argument("--out", default="benchmarks/figures/issue5")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -196,6 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_llada()
     problems = arithmetic_problems(args.problems, seed=args.seed)
+    if args.accuracy_only:
+        checks = {g: accuracy_check(model, problems, g, args.gamma, args.boundary) for g in args.gen_lengths}
+        meta = {"problems": args.problems, "seed": args.seed, "gamma": args.gamma, "date": time.strftime("%Y-%m-%d")}
+        (out_dir / "accuracy.json").write_text(json.dumps({**meta, "lengths": checks}, indent=1))
+        print(f"wrote {out_dir}/accuracy.json")
+        return
     results = {"machine": platform.processor() or platform.machine(), "threads": 1, "gamma": args.gamma,
                "boundary": args.boundary, "layers": model.config.num_hidden_layers,
                "chance_accuracy": chance_accuracy(problems), "lengths": {}}
