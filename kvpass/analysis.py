@@ -266,8 +266,9 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         if k_write is None or v_write is None:
             raise UnsupportedGraph(
                 f"kvpass: attention at '{attn.name}' reads keys from '{k_src.name}' and values from "
-                f"'{v_src.name}', which are not written to a KV cache (forward called with use_cache=False?); "
-                "kvpass compresses KV caches, so there is nothing to compress here"
+                f"'{v_src.name}', which are not written to a KV cache kvpass knows (a DynamicCache cat or a "
+                "StaticCache index_copy_): forward called with use_cache=False, or a sliding-window StaticCache "
+                "layer? kvpass compresses KV caches, so there is nothing it can compress here"
             )
         if not (k_is_cache or k_src.op != "placeholder"):
             raise UnsupportedGraph(f"kvpass: attention at '{attn.name}' reads keys straight from an input")

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
 from transformers import CompileConfig, DynamicCache, StaticCache
 
@@ -278,6 +279,19 @@ def test_static_cache_takes_multi_token_appends_with_per_layer_budgets():
         assert [s.real_tokens for s in kvpass.kv_stats(cache)] == real
         if budgets[1] >= 65:
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_static_cache_with_sliding_window_layers_is_refused():
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    forward = compiled(model, policy="h2o", budget=16)
+    with pytest.raises(Exception, match="sliding-window StaticCache layer"):
+        forward(input_ids=torch.randint(0, 128, (1, 40)), past_key_values=StaticCache(config=config, max_cache_len=16),
+                position_ids=torch.arange(40)[None])
 
 
 def test_static_cache_sized_unlike_the_budget_is_refused_with_the_fix():
