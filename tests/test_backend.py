@@ -178,9 +178,9 @@ def test_use_cache_false_is_refused_by_name():
         forward(input_ids=torch.randint(0, 128, (1, 10)), use_cache=False)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_static_cache_covering_the_sequence_is_exact(attn):
-    model = tiny_model("llama", attn)
+@pytest.mark.parametrize("arch, attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("mistral", "sdpa")])
+def test_static_cache_covering_the_sequence_is_exact(arch, attn):
+    model = tiny_model(arch, attn, **({"sliding_window": None} if arch == "mistral" else {}))
     ids, mask = padded_batch()
     ref = generate(model, ids, mask)
     model.forward = compiled(model, policy="h2o", budget=38)
