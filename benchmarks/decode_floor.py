@@ -31,6 +31,7 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 import kvpass
+from kvpass.cli import positive_int
 
 
 def _positive_list(text: str) -> list[int]:
@@ -133,9 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", type=_positive_list, default=None, help="prompt lengths (default per model)")
     p.add_argument("--budgets", type=_positive_list, default=[1024], help="kvpass budgets (default: %(default)s)")
     p.add_argument("--policy", default="snapkv", help="kvpass policy (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=32, help="decode steps timed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--steps", type=positive_int, default=32, help="decode steps timed (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="processes per row, rows interleaved; the row reports the median one (default: %(default)s)")
     p.add_argument("--static-cache", action="store_true", help="also run kvpass with a StaticCache of budget slots")
     p.add_argument("--out", type=Path, default=Path("results/decode_floor.json"), help="JSON output")

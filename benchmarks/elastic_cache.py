@@ -35,6 +35,7 @@ from kvpass.models.data.arithmetic import EOS, arithmetic_problems, chance_accur
 from kvpass.models.llada import load_llada
 from kvpass.models.llada_generate import generate_dual_cache, generate_llada, generate_window
 
+from kvpass.cli import positive_int
 from kvpass.elastic import ElasticCacheGenerator, ElasticConfig
 
 
@@ -209,7 +210,7 @@ def plot(results: dict, out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--problems", type=int, default=50)
+    ap.add_argument("--problems", type=positive_int, default=50)
     ap.add_argument("--llada-problems", type=int, default=10)
     ap.add_argument("--sweep-problems", type=int, default=20)
     ap.add_argument("--gen-lengths", type=int, nargs="+", default=[256, 512])

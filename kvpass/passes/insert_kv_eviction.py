@@ -181,6 +181,8 @@ class InsertKVEviction:
         pos = g(torch.where, (fresh3, adopted, pos))
         acc = g(torch.where, (fresh3, 0.0, acc))
         seen = g(torch.where, (fresh, tokens_before, seen))
+        if node_value(site.q).shape[2] == 1:  # a one-token step: with left padding its token is real
+            return pos, acc, seen, new_valid
         first_valid = InsertKVEviction._padding_from_positions(graph, site, placeholders)
         new_valid = g(torch.where, (g(operator.eq, (tokens_before, 0)), first_valid, new_valid))
         return pos, acc, seen, new_valid

@@ -1,0 +1,27 @@
+"""The benchmark scripts refuse nonsense counts before running anything, quoting the value."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("decode_floor", ["--repeats", "0"]),
+    ("decode_floor", ["--steps", "-3"]),
+    ("elastic_cache", ["--accuracy-only", "--problems", "0"]),
+])
+def test_benchmark_counts_must_be_positive(name, argv, capsys):
+    with pytest.raises(SystemExit):
+        script(name).main(argv)
+    err = capsys.readouterr().err
+    assert f"expected a positive integer, got '{argv[-1]}'" in err
