@@ -84,7 +84,7 @@ def accuracy(model: LLaDAModelLM, n: int, gen_length: int, n_steps: int, seed: i
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="checkpoint directory (config.json + model.safetensors)")
-    ap.add_argument("--steps", type=int, default=2800)
+    ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--tokens-per-step", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--stage1-frac", type=float, default=0.6)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--final-eval", type=int, default=50, help="problems for the final accuracy (0: skip)")
-    ap.add_argument("--max-minutes", type=float, default=45.0, help="stop (and save) after this much wall time")
+    ap.add_argument("--max-minutes", type=float, default=60.0, help="stop (and save) after this much wall time")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="stop (and save) after this many steps, keeping the --steps learning-rate schedule")
     args = ap.parse_args(argv)
