@@ -160,6 +160,8 @@ def main() -> None:
     p.add_argument("--block", type=int, default=256, help="prefill block for block-wise methods")
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--patched-tokens", type=int, default=128, help="epicache: patched prompt length")
+    p.add_argument("--route", choices=("centroid", "segment"), default="centroid",
+                   help="epicache: route a question to the nearest centroid (the paper) or nearest segment's episode")
     p.add_argument("--kernel-size", type=int, default=1, help="repeat-block/epicache: max-pool scores over keys")
     p.add_argument("--profile-tokens", type=int, default=4096, help="epicache-layers: profile sample length")
     p.add_argument("--segment", type=int, default=4, help="utterances (locomo) / sentences (niah) per segment")
@@ -202,7 +204,7 @@ def main() -> None:
                 n = len(c["context"])
                 t0 = time.perf_counter()
                 if method.startswith("epicache"):
-                    epi = EpisodicCache(forward, model, options, seed=args.seed, embed=embed)
+                    epi = EpisodicCache(forward, model, options, seed=args.seed, embed=embed, route=args.route)
                     segments = _segments(tok, c["context"], args.segment, newline=args.benchmark == "locomo")
                     epi.build(c["context"], segments)
                 else:

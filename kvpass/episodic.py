@@ -85,10 +85,17 @@ class EpisodicCache:
     :func:`sentence_embed`), clustered with scikit-learn's K-means, and each episode's
     patched prompt is built from the segments nearest its centroid, to exactly the policy's ``window``
     tokens (the number of observation queries). Episode caches not in use can be moved to the CPU.
+
+    ``route``: ``"centroid"`` (the paper) sends a question to the episode with the nearest centroid;
+    ``"segment"`` (a kvpass extension) to the episode of the nearest single segment — a question about an
+    outlying segment (a fact unlike its episode's other segments) still reaches the cache built for it.
     """
 
+    ROUTES = ("centroid", "segment")
+
     def __init__(self, forward, model: torch.nn.Module, options: dict, seed: int = 0,
-                 embed: Callable[[Sequence[Sequence[int]]], np.ndarray] | None = None) -> None:
+                 embed: Callable[[Sequence[Sequence[int]]], np.ndarray] | None = None,
+                 route: str = "centroid") -> None:
         opts = parse_options(options)
         if opts.policy.name != "epicache" or opts.episodes is None:
             raise ValueError(f"kvpass: EpisodicCache needs options with policy 'epicache' and 'episodes'; got "
@@ -96,12 +103,15 @@ class EpisodicCache:
         if embed is not None and not callable(embed):
             raise TypeError(f"kvpass: EpisodicCache's embed must map token-id lists to vectors (a callable); got "
                             f"{embed!r}")
-        self.forward, self.model, self.options, self.seed = forward, model, options, seed
+        if route not in self.ROUTES:
+            raise ValueError(f"kvpass: EpisodicCache's route must be one of {self.ROUTES}; got {route!r}")
+        self.forward, self.model, self.options, self.seed, self.routing = forward, model, options, seed, route
         self.embed = embed or self.embed_input_mean
         self.episodes = opts.episodes
         self.patched_tokens = opts.policy.window
         self.centroids: np.ndarray | None = None
         self.labels: np.ndarray | None = None
+        self.vectors: np.ndarray | None = None  # one embedding per segment
         self.contexts: list[CompressedContext] = []
         self.patched_prompts: list[list[int]] = []
 
@@ -128,6 +138,7 @@ class EpisodicCache:
         kmeans = KMeans(n_clusters=self.episodes, n_init=10, random_state=self.seed).fit(vectors)
         self.centroids = kmeans.cluster_centers_
         self.labels = kmeans.labels_  # episode of each segment
+        self.vectors = vectors
         self.contexts, self.patched_prompts = [], []
         for e in range(self.episodes):
             order = np.argsort(np.linalg.norm(vectors - self.centroids[e], axis=1))
@@ -143,10 +154,13 @@ class EpisodicCache:
                                                   observe=torch.tensor(prompt)))
 
     def route(self, question_ids: Sequence[int]) -> int:
-        """Index of the episode whose centroid is nearest the question's embedding."""
+        """Index of the episode whose centroid (``route="segment"``: one of whose segments) is nearest the
+        question's embedding."""
         if self.centroids is None:
             raise RuntimeError("kvpass: EpisodicCache.build() must run before questions are routed")
         question = np.asarray(self.embed([question_ids]), dtype=np.float64)[0]
+        if self.routing == "segment":
+            return int(self.labels[np.argmin(np.linalg.norm(self.vectors - question, axis=1))])
         return int(np.argmin(np.linalg.norm(self.centroids - question, axis=1)))
 
     def answer(self, question_ids: Sequence[int], max_new_tokens: int,

@@ -115,3 +115,28 @@ def test_episodic_cache_clusters_and_routes_with_a_given_embedding():
     assert seen == [6]  # every segment embedded in one batch
     assert list(epi.labels[::2]) == [epi.labels[0]] * 3 and list(epi.labels[1::2]) == [epi.labels[1]] * 3
     assert epi.route([100, 110, 120]) == epi.labels[1] and epi.route([2, 3]) == epi.labels[0]
+
+
+def test_segment_routing_reaches_an_outlying_segments_episode():
+    # three segments at (0, 0) and an outlier at (0, 2) form episode A (centroid (0, 0.5)); B is (2, 2.5) and
+    # (2.4, 2.5). A question at (0.9, 2.2) is nearest B's centroid, but nearest the outlier, whose episode is A.
+    model = tiny_model()
+    forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, window=8, episodes=2)
+    context = list(range(1, 61))
+    segments = [(10 * i, 10 * i + 10) for i in range(6)]
+    points = {1: (0, 0), 11: (0, 0), 21: (0, 0), 31: (0, 2), 41: (2, 2.5), 51: (2.4, 2.5), 99: (0.9, 2.2)}
+
+    def embed(batch):  # keyed by each span's first token id
+        return np.array([points[ids[0]] for ids in batch], dtype=float)
+
+    kwargs = {"seed": 0, "embed": embed}
+    by_segment = EpisodicCache(forward, model, options, route="segment", **kwargs)
+    by_segment.build(context, segments)
+    a, b = by_segment.labels[0], by_segment.labels[4]
+    assert list(by_segment.labels) == [a, a, a, a, b, b]
+    assert by_segment.route([99]) == a
+    by_centroid = EpisodicCache(forward, model, options, **kwargs)
+    by_centroid.build(context, segments)
+    assert by_centroid.route([99]) == by_centroid.labels[4]
+    with pytest.raises(ValueError, match="route must be one of \\('centroid', 'segment'\\); got 'nearest'"):
+        EpisodicCache(forward, model, options, route="nearest")
