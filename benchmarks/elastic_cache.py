@@ -35,7 +35,7 @@ from kvpass.models.data.arithmetic import EOS, arithmetic_problems, chance_accur
 from kvpass.models.llada import load_llada
 from kvpass.models.llada_generate import generate_dual_cache, generate_llada, generate_window
 
-from kvpass.cli import positive_int
+from kvpass.cli import non_negative_int, positive_int
 from kvpass.elastic import ElasticCacheGenerator, ElasticConfig
 
 
@@ -217,7 +217,7 @@ def plot(results: dict, out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", type=positive_int, default=50)
-    ap.add_argument("--llada-problems", type=int, default=10,
+    ap.add_argument("--llada-problems", type=non_negative_int, default=10,
                     help="LLaDA no-cache decoding runs on this many problems (slow); --accuracy-only: plus the misses")
     ap.add_argument("--sweep-problems", type=int, default=20)
     ap.add_argument("--gen-lengths", type=int, nargs="+", default=[256, 512])

@@ -12,15 +12,24 @@ from kvpass.config import COMPILERS, parse_options
 from kvpass.policies import POLICIES
 
 
-def positive_int(text: str) -> int:
-    """argparse type of every ``kvpass`` subcommand's count/size flags."""
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of every ``kvpass`` subcommand's count/size flags."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of count flags where 0 means "none"."""
+    return _int_at_least(text, 0, "a non-negative integer")
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:

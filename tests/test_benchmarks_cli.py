@@ -25,3 +25,9 @@ def test_benchmark_counts_must_be_positive(name, argv, capsys):
         script(name).main(argv)
     err = capsys.readouterr().err
     assert f"expected a positive integer, got '{argv[-1]}'" in err
+
+
+def test_llada_problems_may_be_zero_but_not_negative(capsys):
+    with pytest.raises(SystemExit):
+        script("elastic_cache").main(["--accuracy-only", "--llada-problems", "-1"])
+    assert "expected a non-negative integer, got '-1'" in capsys.readouterr().err
