@@ -36,7 +36,7 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
                       stacklevel=2)
         return _compile(gm, example_inputs, opts)
     # a StaticCache counts every token itself, so HF derives true positions from it; a compressed DynamicCache does not
-    if any(site.past_keys is not None and not site.static_writes for site in sites) and not any(
+    if any(site.past_keys is not None and not site.static_writes and not site.window for site in sites) and not any(
         n.op == "placeholder" and ("position_ids" in n.name or "cache_position" in n.name) for n in gm.graph.nodes
     ):
         raise UnsupportedGraph(
@@ -74,8 +74,7 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
     compiled = _compile(gm, [*example_inputs, *state_examples], opts, inline_ops=decode and static_step)
     if not decode:
         session.prefill_budgets = {p.layer: (p.budget, p.capacity) for p in plans}
-    session.graphs.append(GraphRecord("decode" if decode else "prefill", [s.describe() for s in sites],
-                                      [p.budget for p in plans], dict(rewrite.counters)))
+    session.graphs.append(GraphRecord.of("decode" if decode else "prefill", sites, plans, rewrite.counters))
 
     def run(*args):
         outs = compiled(*args, *session.state_inputs(plans, args))
@@ -114,8 +113,7 @@ def _compile_blockwise(gm: fx.GraphModule, example_inputs: list, sites, opts, se
                          k.new_zeros(b, dtype=torch.int64)]
     _detach_outputs(gm)
     compiled = _compile(gm, examples, opts)
-    session.graphs.append(GraphRecord("prefill-block", [s.describe() for s in sites], [p.budget for p in plans],
-                                      rewritten.counters))
+    session.graphs.append(GraphRecord.of("prefill-block", sites, plans, rewritten.counters))
     return BlockwiseRunner(compiled, rewritten.layout, plans, opts.prefill_block, session, n_outputs, store_outputs)
 
 

@@ -18,7 +18,8 @@ class Explanation:
     def __str__(self) -> str:
         lines = [f"kvpass policy {self.policy}: {len(self.graphs)} graph(s) compiled, {self.forwards} forward(s) run"]
         for i, g in enumerate(self.graphs):
-            lines.append(f"  graph {i} ({g['kind']}): {len(g['sites'])} attention site(s) rewritten, "
+            rewritten = len(g["sites"]) - g["counters"].get("sliding_sites_kept", 0)
+            lines.append(f"  graph {i} ({g['kind']}): {rewritten} of {len(g['sites'])} attention site(s) rewritten, "
                          f"counters {g['counters']}")
             lines += [f"    {line}" for line in _group_layers(g["sites"], g["budgets"])]
         if self.adopted_caches:

@@ -27,10 +27,16 @@ class LayerState:
 
 @dataclasses.dataclass
 class GraphRecord:
-    kind: str                      # "prefill" or "decode"
-    sites: list[str]
-    budgets: list[int]
+    kind: str                      # "prefill", "decode" or "prefill-block"
+    sites: list[str]               # every attention site, rewritten or left to HF
+    budgets: list[int]             # per site: its budget, or the window HF keeps for a site left to it
     counters: dict[str, int]
+
+    @classmethod
+    def of(cls, kind: str, sites: list, plans: list[LayerPlan], counters: dict[str, int]) -> GraphRecord:
+        budgets = {plan.layer: plan.budget for plan in plans}
+        return cls(kind, [s.describe() + ("" if s.layer in budgets else ", HF's window kept") for s in sites],
+                   [budgets.get(s.layer, s.window - 1) for s in sites], dict(counters))
 
 
 class Session:

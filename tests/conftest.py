@@ -9,6 +9,7 @@ def tiny_config(arch: str = "llama", attn: str = "sdpa", layers: int = 2, **over
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),  # sliding + full layers
     }
     config_cls, model_cls = classes[arch]
     cfg = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,

@@ -54,18 +54,58 @@ def test_budget_covering_the_sequence_is_exact(arch, attn, batch, policy):
     assert report.graphs[1]["counters"]["decode_sites"] == 2
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o"])
-def test_sliding_window_cache_layer_sdpa_batch1(policy):
-    # A sliding-window cache layer stores a tail slice of its cat. HF sizes the padding/eager mask of such
-    # layers from its own token counter, which a compressed store cannot match, so this path is limited
-    # to SDPA without padding (see README, "Limits").
-    model = tiny_model("mistral", "sdpa", sliding_window=32)
-    ids, mask = padded_batch(length=12, batch=1)
-    ref = generate(model, ids, mask)
-    model.forward = compiled(model, policy=policy, budget=64)
-    out = generate(model, ids, mask)
+def gemma3_style(attn: str):
+    """Sliding-window layers (window 16) interleaved with full-attention layers, as in Gemma-3."""
+    return tiny_model("gemma3", attn, layers=4, head_dim=16, sliding_window=16,
+                      layer_types=["sliding_attention", "full_attention"] * 2)
+
+
+@pytest.mark.parametrize("attn, batch", [("sdpa", 1), ("sdpa", 2), ("eager", 2)])
+def test_sliding_window_layers_past_their_window_are_exact_and_compile_twice(attn, batch):
+    # the prompt (40) and the generation run past the window (16): HF keeps those layers' window itself
+    model = gemma3_style(attn)
+    ids, mask = padded_batch(length=40, batch=batch)
+    ref = generate(model, ids, mask, steps=12)
+    model.forward = compiled(model, policy="snapkv", budget=64)
+    out = generate(model, ids, mask, steps=12)
     assert torch.equal(out.sequences, ref.sequences)
-    assert "sliding window 32" in str(kvpass.explain())
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    report = kvpass.explain()
+    assert [g["kind"] for g in report.graphs] == ["prefill", "decode"]
+    counters = report.graphs[1]["counters"]
+    assert counters["sliding_sites_kept"] == 2 and counters["decode_sites"] == 2
+    assert "2 of 4 attention site(s) rewritten" in str(report) and "HF's window kept" in str(report)
+
+
+def test_sliding_window_model_compresses_its_full_layers_with_padding_and_eager():
+    model = gemma3_style("eager")
+    ids, mask = padded_batch(length=40, batch=2)
+    model.forward = compiled(model, policy="h2o", budget=24)
+    out = generate(model, ids, mask, steps=20)
+    assert out.sequences.shape == (2, 60)
+    slots = [s.slots for s in kvpass.kv_stats(out.past_key_values)]
+    assert slots == [15, 24, 15, 24]  # sliding layers: HF's window - 1; full layers: the budget
+
+
+def test_sliding_window_above_the_budget_is_kept_with_a_warning():
+    model = gemma3_style("sdpa")
+    ids, mask = padded_batch(length=40, batch=1)
+    model.forward = compiled(model, policy="snapkv", budget=8)
+    with pytest.warns(UserWarning, match=r"sliding-window layers \[0, 2\] keep HF's own 15-token window, above their "
+                                         r"budgets \[8\]"):
+        out = generate(model, ids, mask, steps=20)
+    assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [15, 8, 15, 8]
+
+
+def test_blockwise_prefill_refuses_sliding_window_layers_by_name():
+    model = gemma3_style("sdpa")
+    ids, mask = padded_batch(length=40, batch=1)
+    options = {"policy": "snapkv", "budget": 24, "prefill_block": 8, "compiler": "aot_eager"}
+    model.forward = torch.compile(model.forward, backend="kvpass", dynamic=True, options=options)
+    with pytest.raises(Exception, match=r"'prefill_block'=8 does not support sliding-window layers \(layers \[0, 2\], "
+                                        r"window 16\)"):
+        generate(model, ids, mask, steps=2)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "h2o", "streaming_llm", "tova", "knorm", "pyramidkv"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -34,7 +35,12 @@ class InsertKVEviction:
     Requires: ``sites`` from :func:`kvpass.analysis.find_attention_sites` on ``graph`` (DynamicCache
     writes: keys/values are graph outputs, the past store is a graph input or empty).
 
-    Ensures: every site's attention output comes from ``kvpass::attend`` (masking padding and empty
+    Sliding-window sites (a DynamicCache layer that stores only its last ``window - 1`` tokens) are left to HF,
+    counted as ``sliding_sites_kept``: HF's window is already a fixed-capacity store, and HF sizes those layers'
+    masks from its own token counter, which a store compressed below the window could not match. A warning
+    says so where that window exceeds the layer's budget.
+
+    Ensures: every other site's attention output comes from ``kvpass::attend`` (masking padding and empty
     slots itself, RoPE untouched since keys are cached after rotation); every cache write that was
     ``cat(past, new)`` is replaced, *as a graph output only*, by the compacted store of exactly
     ``budget`` slots; per layer the graph takes (decode) and returns the store metadata
@@ -67,9 +73,22 @@ class InsertKVEviction:
                  block: BlockInputs | None = None) -> list[LayerPlan]:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         output = graph.output_node()
-        plans = []
+        plans, above_budget = [], []
         for site in sites:
+            if site.window and block is None:
+                self._keep_window(graph, site)
+                budget = self.budget(site, len(sites), node_value(site.q).shape[2], site.past_keys is not None)[0]
+                if site.window - 1 > budget:
+                    above_budget.append((site.layer, budget))
+                continue
             plans.append(self._rewrite(graph, site, len(sites), placeholders, block))
+        if above_budget:
+            window = next(s.window for s in sites if s.layer == above_budget[0][0])
+            warnings.warn(
+                f"kvpass: sliding-window layers {[layer for layer, _ in above_budget]} keep HF's own "
+                f"{window - 1}-token window, above their budgets {sorted({b for _, b in above_budget})}: HF sizes "
+                "those layers' masks from its own token counter, so kvpass leaves them to HF (bounded by the "
+                "window) and compresses the full-attention layers", stacklevel=2)
         # state inputs after the original inputs, in layer order (the backend relies on this order)
         last = placeholders[-1]
         for plan in plans:
@@ -89,6 +108,16 @@ class InsertKVEviction:
         output.args = (tuple(outs) + extra,)
         graph.lint()
         return plans
+
+    def _keep_window(self, graph: fx.Graph, site: AttentionSite) -> None:
+        """Leave a sliding-window site to HF, but store its window contiguously: HF's tail slice is a view of
+        the whole prompt's (then the step's) keys, whose strides change after the prefill and would recompile
+        the decode step once; a compact copy also frees the prompt's keys right after the prefill."""
+        output = graph.output_node()
+        for write in (site.key_write, site.value_write):
+            with graph.inserting_before(output):
+                output.replace_input_with(write, graph.call_method("contiguous", (write,)))
+        self.counters["sliding_sites_kept"] += 1
 
     def _rewrite(self, graph: fx.Graph, site: AttentionSite, n_layers: int, placeholders,
                  block: BlockInputs | None) -> LayerPlan:
