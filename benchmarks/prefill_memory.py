@@ -8,6 +8,13 @@ block-wise prefill may hold by design: every layer's store plus one block, L x 2
 Prompts are random token ids (memory does not depend on content).
 
     python benchmarks/prefill_memory.py --lengths 2048,4096,8192,16384,32768 --out results/prefill_memory.json
+
+``--measure kv`` counts KV alone instead of every tensor (the issue's "peak KV memory"): the prefill runs under
+:class:`KVTracker`, a dispatch mode that sums the storages of live tensors shaped like keys or values,
+``[B, H_kv, S, head_dim]``, and keeps their peak. It sees every ATen op, so the block graph is compiled with
+``aot_eager`` (Inductor's kernels are opaque to it) and the kvpass ops run their references op by op. The
+grouped-query attention's query/output chunks share that shape and are counted too (an over-count), so the
+measure needs a model with fewer kv-heads than query heads.
 """
 
 from __future__ import annotations
@@ -18,23 +25,92 @@ import re
 import subprocess
 import sys
 import time
+import weakref
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class KVTracker(TorchDispatchMode):
+    """Live and peak bytes of the storages behind tensors shaped like K/V (``[B, kv_heads, S, head_dim]``).
+
+    A storage counts from the first op that returns a K/V-shaped view of it until the last such view dies.
+    Ops of the ``kvpass`` library run their pure-torch references inside the mode, so their temporaries count.
+    """
+
+    def __init__(self, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, K/V-shaped views alive]
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from kvpass.ops import REFERENCES
+
+        reference = REFERENCES.get(func)
+        if reference is not None:
+            with self:
+                out = reference(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == self.kv_heads \
+                    and t.shape[3] == self.head_dim:
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        entry = self.live.get(key)
+        if entry is None:
+            entry = self.live[key] = [storage.nbytes(), 0]
+            self.now += entry[0]
+            self.peak = max(self.peak, self.now)
+        entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
 
 
 def _rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def run_one(model_name: str, mode: str, length: int, budget: int, block: int, policy: str, compiler: str) -> dict:
+def run_one(model_name: str, mode: str, length: int, budget: int, block: int, policy: str, compiler: str,
+            measure: str = "rss") -> dict:
     import kvpass.models
-    from transformers import DynamicCache
 
     torch.manual_seed(0)
     model, _ = kvpass.models.load(model_name)
-    model.eval()
+    return measure_prefill(model.eval(), mode, length, budget, block, policy, compiler, measure)
+
+
+def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int, block: int, policy: str,
+                    compiler: str, measure: str = "rss") -> dict:
+    """One row: ``measure`` "rss" (peak resident-memory increase, every tensor) or "kv" (peak K/V bytes)."""
+    from transformers import DynamicCache
+
+    from kvpass.blockwise import BlockwiseRunner
+
     cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if measure == "kv":
+        if cfg.num_key_value_heads == cfg.num_attention_heads:
+            raise SystemExit(f"--measure kv needs grouped-query attention (fewer kv-heads than query heads); "
+                             f"this model has {cfg.num_attention_heads} of each")
+        compiler = "aot_eager"
     forward = model.forward
     if mode == "blockwise":
         forward = torch.compile(model.forward, backend="kvpass", dynamic=True, options={
@@ -47,19 +123,33 @@ def run_one(model_name: str, mode: str, length: int, budget: int, block: int, po
                            use_cache=True, logits_to_keep=1)
 
     prefill(2 * block + 7)  # compile (kvpass) and warm up allocator pools
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
+    tracker = KVTracker(cfg.num_key_value_heads, head_dim) if measure == "kv" else None
+    if tracker is None:
+        track = nullcontext()
+    elif mode == "blockwise":  # Dynamo runs no compiled frame under a dispatch mode: enter it inside the runner
+        def tracked_call(runner, *args):
+            with tracker:
+                return run_blocks(runner, *args)
+
+        run_blocks = BlockwiseRunner.__call__
+        track = mock.patch.object(BlockwiseRunner, "__call__", tracked_call)
+    else:
+        track = tracker
+    if Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
     base = _rss_kib("VmRSS")
     t0 = time.perf_counter()
-    out = prefill(length)
+    with track:
+        out = prefill(length)
     seconds = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM") - base
+    peak = tracker.peak / 1024 if tracker else _rss_kib("VmHWM") - base
     from kvpass.eval.runner import cache_bytes
 
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # fp32 bytes per token
     return {
         "mode": mode, "length": length, "budget": budget, "block": block, "policy": policy, "compiler": compiler,
-        "prefill_s": round(seconds, 2), "peak_mib": round(peak / 1024, 1),
+        "measure": measure, "prefill_s": round(seconds, 2), "peak_mib": round(peak / 1024, 1),
+        "peak_bytes": round(peak * 1024), "kv_bound_bytes": per_slot * (budget + block),
         "kv_held_mib": round(cache_bytes(out.past_key_values) / 2**20, 1),
         "kv_full_mib": round(per_slot * length / 2**20, 1),
         "kv_bound_mib": round(per_slot * (budget + block) / 2**20, 1),
@@ -74,7 +164,9 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--policy", default="snapkv")
-    p.add_argument("--compiler", default="inductor")
+    p.add_argument("--compiler", default="inductor", help="kvpass compiler (--measure kv: always aot_eager)")
+    p.add_argument("--measure", choices=("rss", "kv"), default="rss",
+                   help="rss: peak resident-memory increase (every tensor); kv: peak bytes of K/V-shaped tensors")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results/prefill_memory.json")
     p.add_argument("--plot", default="benchmarks/figures/issue4/prefill_memory.png")
@@ -83,14 +175,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.one:
         mode, length = args.one[0], int(args.one[1])
-        print(json.dumps(run_one(args.model, mode, length, args.budget, args.block, args.policy, args.compiler)))
+        print(json.dumps(run_one(args.model, mode, length, args.budget, args.block, args.policy, args.compiler,
+                                 args.measure)))
         return
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--one", mode, str(length), "--model", args.model, "--budget",
                    str(args.budget), "--block", str(args.block), "--policy", args.policy, "--compiler", args.compiler,
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--measure", args.measure]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
@@ -102,10 +195,10 @@ def main() -> None:
                   f"MiB (full {row['kv_full_mib']}, bound {row['kv_bound_mib']})  {row['prefill_s']} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    _plot(rows, args.plot)
+    _plot(rows, args.plot, args.measure)
 
 
-def _plot(rows: list[dict], path: str) -> None:
+def _plot(rows: list[dict], path: str, measure: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +219,8 @@ def _plot(rows: list[dict], path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("MiB")
-    ax.set_title("Prefill peak memory increase (SmolLM2-135M, fp32, CPU)")
+    what = "peak KV (K/V-shaped tensors)" if measure == "kv" else "peak memory increase (every tensor)"
+    ax.set_title(f"Prefill {what}, SmolLM2-135M, fp32, CPU", fontsize=9)
     ax.legend(fontsize=7)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

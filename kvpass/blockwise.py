@@ -174,7 +174,7 @@ class BlockwiseRunner:
             if n_obs:
                 block_valid = torch.nn.functional.pad(block_valid, (0, n_obs), value=False)
             inputs = [*call, *stores, block_valid, observe, *state]
-            call = stores = state = x = None  # drop our references: the graph frees the old stores
+            call = stores = state = x = outs = None  # drop our references: the graph frees the old stores
             outs = self._call(inputs)
             for j, d in layout.token_outputs.items():
                 pieces[j].append(outs[j].narrow(d, 0, block))

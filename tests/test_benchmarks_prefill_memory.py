@@ -1,0 +1,21 @@
+"""benchmarks/prefill_memory.py --measure kv: the K/V tracker sees the block-wise prefill's stores, not the prompt's."""
+
+from conftest import tiny_model
+from test_benchmarks_cli import script
+
+
+def test_kv_peak_of_blockwise_prefill_is_flat_and_full_prefill_holds_the_prompt():
+    bench = script("prefill_memory")
+    model = tiny_model("llama", "sdpa", layers=4)
+    rows = {(mode, n): bench.measure_prefill(model, mode, n, budget=64, block=16, policy="snapkv",
+                                             compiler="aot_eager", measure="kv")
+            for mode in ("blockwise", "full") for n in (128, 512)}
+    block_short, block_long = rows["blockwise", 128], rows["blockwise", 512]
+    assert block_long["peak_bytes"] == block_short["peak_bytes"]  # independent of the prompt length
+    # every layer's store plus one layer's candidates and temporaries: above the stores, within 1.1x the bound
+    # (the previous block's stores must be freed as each layer reads them: holding them all gave 2.1x)
+    bound = block_long["kv_bound_bytes"]
+    assert bound * 64 / (64 + 16) < block_long["peak_bytes"] <= 1.1 * bound
+    for n in (128, 512):  # the full prefill holds at least the whole prompt's K/V
+        assert rows["full", n]["peak_bytes"] >= rows["full", n]["kv_full_mib"] * 2**20 * 0.99
+    assert rows["full", 512]["peak_bytes"] > 3 * rows["full", 128]["peak_bytes"]
