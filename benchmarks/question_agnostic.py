@@ -58,7 +58,10 @@ def _contexts(benchmark: str, tokenizer, args) -> list[dict]:
         samples = conversation_samples(tokenizer, num_conversations=args.conversations, num_sessions=args.sessions,
                                        questions_per_conversation=args.questions, seed=args.seed)
         items = [(f"locomo-c{s.meta['conversation']}", s, s.meta["context_tokens"], s.meta["fact_span"])
-                 for s in samples]
+                 for s in samples if s.meta["conversation"] >= args.first_conversation]
+        if not items:
+            raise SystemExit(f"--first-conversation {args.first_conversation} leaves none of the "
+                             f"{args.conversations} conversations")
     contexts: dict[str, dict] = {}
     for uid, sample, n_context, span in items:
         entry = contexts.setdefault(uid, {"uid": uid, "context": list(sample.prompt_ids[:n_context]), "questions": []})
@@ -155,6 +158,9 @@ def main() -> None:
     p.add_argument("--lengths", type=ints, default=[1024], help="niah: prompt lengths")
     p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--conversations", type=int, default=8, help="locomo: conversations")
+    p.add_argument("--first-conversation", type=int, default=0,
+                   help="locomo: run conversations from this index up to --conversations (each is generated from its "
+                        "own seed, so a finished run can be extended with the next ones)")
     p.add_argument("--sessions", type=int, default=6, help="locomo: sessions per conversation")
     p.add_argument("--questions", type=int, default=4, help="locomo: questions per conversation")
     p.add_argument("--block", type=int, default=256, help="prefill block for block-wise methods")
@@ -170,7 +176,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/question_agnostic")
     p.add_argument("--resume", action="store_true", help="keep --out's finished (method, budget) cells, run the rest")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-check --out's recorded outputs with the current answer matching (runs no model)")
     args = p.parse_args()
+    if args.rescore:
+        _rescore(Path(args.out) / "results.json")
+        return
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:
@@ -241,9 +252,8 @@ def main() -> None:
         routed = "-" if s["routed_to_fact"] is None else f"{s['routed_to_fact']:.2f}"
         print(f"{s['method']:>13} {s['budget'] or 'all':>6} {s['compression']:>6.2f} {s['accuracy']:>5.2f} "
               f"{s['span_kept']:>9.2f} {routed:>6} {s['compress_s']:>18.1f}")
-    title = (f"{args.model}, question-agnostic {args.benchmark}-style QA "
-             f"({len(contexts)} contexts, {summary[0]['n']} questions)")
-    _plot(summary, title, out / "accuracy_vs_compression.png")
+    _plot(summary, _title(args.model, args.benchmark, len(contexts), summary[0]["n"]),
+          out / "accuracy_vs_compression.png")
     print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_compression.png'}")
 
 
@@ -263,6 +273,30 @@ def _summarize(records: list[dict]) -> list[dict]:
             "compress_s": statistics.median(r["compress_s"] for r in rs),  # the first context pays the compiles
         })  # fmt: skip
     return summary
+
+
+def _rescore(path: Path) -> None:
+    """Recompute every record's ``correct`` (and the summary) from its recorded output and answer."""
+    from kvpass.models.data.samples import answer_matches
+
+    result = json.loads(path.read_text())
+    for r in result["records"]:
+        now = answer_matches(r["output"], [r["answer"]])
+        if now != r["correct"]:
+            print(f"{r['method']} {r['budget']} {r['uid']}: {r['output']!r} vs {r['answer']!r}: "
+                  f"{r['correct']} -> {now}")
+        r["correct"] = now
+    result["meta"]["rescored"] = dt.date.today().isoformat()
+    result["summary"] = summary = _summarize(result["records"])
+    path.write_text(json.dumps(result, indent=1))
+    args = result["meta"]["args"]
+    contexts = len({r["context"] for r in result["records"]})
+    _plot(summary, _title(args["model"], args["benchmark"], contexts, summary[0]["n"]),
+          path.parent / "accuracy_vs_compression.png")
+
+
+def _title(model: str, benchmark: str, contexts: int, questions: int) -> str:
+    return f"{model}, question-agnostic {benchmark}-style QA ({contexts} contexts, {questions} questions)"
 
 
 def _write(out: Path, meta: dict, records: list[dict], complete: bool) -> None:

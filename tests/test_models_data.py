@@ -33,6 +33,10 @@ def test_normalize_answer() -> None:
     assert normalize_answer(" 18,400 dollars.") == "18400 dollars"
     assert QASample("b", "u", (1,), ("March 14",), 4).is_correct(" march 14th, at noon")
     assert not QASample("b", "u", (1,), ("4127",), 4).is_correct(" 412")
+    assert not QASample("b", "u", (1,), ("February 2",), 4).is_correct(" February 21, 2019")
+    assert not QASample("b", "u", (1,), ("238",), 4).is_correct(" 2381 dollars")
+    assert QASample("b", "u", (1,), ("February 2",), 4).is_correct(" on February 2nd.")
+    assert QASample("b", "u", (1,), ("Norway",), 4).is_correct(" Norway\n")
 
 
 @needs

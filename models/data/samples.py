@@ -7,10 +7,12 @@ facts/needles sit at known token positions (``meta`` records them).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["QASample", "LMSample", "Tokenizer", "encode", "bos_ids", "tokenizer_key", "normalize_answer"]
+__all__ = ["QASample", "LMSample", "Tokenizer", "encode", "bos_ids", "tokenizer_key", "normalize_answer",
+           "answer_matches"]
 
 
 class Tokenizer(Protocol):
@@ -37,9 +39,7 @@ class QASample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def is_correct(self, generated_text: str) -> bool:
-        """Whether a normalized answer occurs in the normalized generation."""
-        got = normalize_answer(generated_text)
-        return any(normalize_answer(a) in got for a in self.answers)
+        return answer_matches(generated_text, self.answers)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,18 @@ class LMSample:
     context_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def answer_matches(generated_text: str, answers: Sequence[str]) -> bool:
+    """Whether a normalized answer occurs in the normalized generation as whole words, a number optionally
+    with its ordinal suffix ("March 14" is in "March 14th"; "February 2" is not in "February 21", nor "238"
+    in "2381")."""
+    got = normalize_answer(generated_text)
+    for answer in map(normalize_answer, answers):
+        suffix = "(?:st|nd|rd|th)?" if answer[-1:].isdigit() else ""
+        if re.search(rf"(?<!\w){re.escape(answer)}{suffix}(?!\w)", got):
+            return True
+    return False
 
 
 def normalize_answer(text: str) -> str:
