@@ -43,15 +43,16 @@ class KVTracker(TorchDispatchMode):
     """
 
     def __init__(self, kv_heads: int, head_dim: int) -> None:
+        from kvpass.ops import REFERENCES
+
         super().__init__()
         self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.references = REFERENCES
         self.live: dict[int, list[int]] = {}  # storage address -> [bytes, K/V-shaped views alive]
         self.now = self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from kvpass.ops import REFERENCES
-
-        reference = REFERENCES.get(func)
+        reference = self.references.get(func)
         if reference is not None:
             with self:
                 out = reference(*args, **(kwargs or {}))

@@ -144,18 +144,10 @@ def _cache_write(source: fx.Node, outputs: set[fx.Node]) -> tuple[fx.Node | None
             if isinstance(index, tuple) and len(index) >= 3 and index[:2] == (slice(None),) * 2:
                 tail = index[2]
                 # with dynamic=True the window is a SymInt input of the graph: its traced value is the model's
-                start = _int_value(tail.start) if isinstance(tail, slice) and tail.stop is None else None
+                start = constant_float(tail.start) if isinstance(tail, slice) and tail.stop is None else None
                 if start is not None and start < 0:
-                    return user, 1 - start
+                    return user, 1 - int(start)
     return None, 0
-
-
-def _int_value(x) -> int | None:
-    """``x`` as a Python int: an int, or a node whose traced value is an int or a SymInt with a hint."""
-    value = node_value(x) if isinstance(x, fx.Node) else x
-    if isinstance(value, torch.SymInt) and value.node.hint is not None:
-        return int(value.node.hint)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def constant_float(x) -> float | None:

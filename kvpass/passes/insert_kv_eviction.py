@@ -75,7 +75,7 @@ class InsertKVEviction:
         output = graph.output_node()
         plans, above_budget = [], []
         for site in sites:
-            if site.window and block is None:
+            if site.window:  # block graphs never get here: rewrite_blocks refuses sliding-window layers
                 self._keep_window(graph, site)
                 budget = self.budget(site, len(sites), node_value(site.q).shape[2], site.past_keys is not None)[0]
                 if site.window - 1 > budget:
