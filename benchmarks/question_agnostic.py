@@ -59,9 +59,6 @@ def _contexts(benchmark: str, tokenizer, args) -> list[dict]:
                                        questions_per_conversation=args.questions, seed=args.seed)
         items = [(f"locomo-c{s.meta['conversation']}", s, s.meta["context_tokens"], s.meta["fact_span"])
                  for s in samples if s.meta["conversation"] >= args.first_conversation]
-        if not items:
-            raise SystemExit(f"--first-conversation {args.first_conversation} leaves none of the "
-                             f"{args.conversations} conversations")
     contexts: dict[str, dict] = {}
     for uid, sample, n_context, span in items:
         entry = contexts.setdefault(uid, {"uid": uid, "context": list(sample.prompt_ids[:n_context]), "questions": []})
@@ -148,7 +145,7 @@ def _plot(summary: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--benchmark", choices=("niah", "locomo"), default="locomo")
@@ -178,7 +175,10 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="keep --out's finished (method, budget) cells, run the rest")
     p.add_argument("--rescore", action="store_true",
                    help="re-check --out's recorded outputs with the current answer matching (runs no model)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not 0 <= args.first_conversation < args.conversations:
+        p.error(f"--first-conversation must be in [0, --conversations={args.conversations}), got "
+                f"{args.first_conversation}")
     if args.rescore:
         _rescore(Path(args.out) / "results.json")
         return

@@ -12,9 +12,10 @@ def tiny_config(arch: str = "llama", attn: str = "sdpa", layers: int = 2, **over
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),  # sliding + full layers
     }
     config_cls, model_cls = classes[arch]
-    cfg = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                     attn_implementation=attn, **overrides)
+    settings = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                    attn_implementation=attn)
+    cfg = config_cls(**{**settings, **overrides})
     return cfg, model_cls
 
 

@@ -31,3 +31,12 @@ def test_llada_problems_may_be_zero_but_not_negative(capsys):
     with pytest.raises(SystemExit):
         script("elastic_cache").main(["--accuracy-only", "--llada-problems", "-1"])
     assert "expected a non-negative integer, got '-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, got", [(["--first-conversation", "-1"], "-1"),
+                                       (["--conversations", "4", "--first-conversation", "4"], "4")])
+def test_first_conversation_must_leave_conversations_to_run(argv, got, capsys):
+    with pytest.raises(SystemExit):
+        script("question_agnostic").main(argv)
+    err = capsys.readouterr().err
+    assert "--first-conversation must be in [0, --conversations=" in err and err.rstrip().endswith(f"got {got}")

@@ -1,5 +1,6 @@
 """benchmarks/prefill_memory.py --measure kv: the K/V tracker sees the block-wise prefill's stores, not the prompt's."""
 
+import pytest
 from conftest import tiny_model
 from test_benchmarks_cli import script
 
@@ -19,3 +20,10 @@ def test_kv_peak_of_blockwise_prefill_is_flat_and_full_prefill_holds_the_prompt(
     for n in (128, 512):  # the full prefill holds at least the whole prompt's K/V
         assert rows["full", n]["peak_bytes"] >= rows["full", n]["kv_full_mib"] * 2**20 * 0.99
     assert rows["full", 512]["peak_bytes"] > 3 * rows["full", 128]["peak_bytes"]
+
+
+def test_kv_measure_refuses_a_model_without_grouped_query_attention():
+    model = tiny_model("llama", "sdpa", num_key_value_heads=4)  # 4 query heads, 4 kv-heads
+    with pytest.raises(SystemExit, match="needs grouped-query attention .* this model has 4 of each"):
+        script("prefill_memory").measure_prefill(model, "blockwise", 64, budget=32, block=16, policy="snapkv",
+                                                 compiler="aot_eager", measure="kv")
