@@ -90,17 +90,21 @@ def _rss_kib(field: str) -> int:
 
 
 def run_one(model_name: str, mode: str, length: int, budget: int, block: int, policy: str, compiler: str,
-            measure: str = "rss") -> dict:
+            measure: str = "rss", head_budgets: str = "uniform") -> dict:
     import kvpass.models
 
     torch.manual_seed(0)
     model, _ = kvpass.models.load(model_name)
-    return measure_prefill(model.eval(), mode, length, budget, block, policy, compiler, measure)
+    return measure_prefill(model.eval(), mode, length, budget, block, policy, compiler, measure, head_budgets)
 
 
 def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int, block: int, policy: str,
-                    compiler: str, measure: str = "rss") -> dict:
-    """One row: ``measure`` "rss" (peak resident-memory increase, every tensor) or "kv" (peak K/V bytes)."""
+                    compiler: str, measure: str = "rss", head_budgets: str = "uniform") -> dict:
+    """One row: ``measure`` "rss" (peak resident-memory increase, every tensor) or "kv" (peak K/V bytes).
+
+    Block-wise rows also give each layer's real tokens per kv head (``head_tokens``) and ``kv_masked_mib``: what
+    the same kept tokens would take in a store with one row per head, sized for the fullest head (a masked
+    layout); with ``head_budgets`` "adaptive" the heads' shares differ while ``kv_held_mib`` stays at the budget."""
     from transformers import DynamicCache
 
     from kvpass.blockwise import BlockwiseRunner
@@ -115,7 +119,8 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
     forward = model.forward
     if mode == "blockwise":
         forward = torch.compile(model.forward, backend="kvpass", dynamic=True, options={
-            "policy": policy, "budget": budget, "prefill_block": block, "compiler": compiler})
+            "policy": policy, "budget": budget, "prefill_block": block, "compiler": compiler,
+            "head_budgets": head_budgets})
 
     def prefill(n: int):
         ids = torch.randint(0, cfg.vocab_size, (1, n))
@@ -144,12 +149,17 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
         out = prefill(length)
     seconds = time.perf_counter() - t0
     peak = tracker.peak / 1024 if tracker else _rss_kib("VmHWM") - base
+    from kvpass import kv_stats
     from kvpass.eval.runner import cache_bytes
 
     per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # fp32 bytes per token
+    heads = [s.head_tokens for s in kv_stats(out.past_key_values)] if mode == "blockwise" else None
+    masked = None if heads is None else sum(cfg.num_key_value_heads * max(h) for h in heads) * 2 * head_dim * 4
     return {
         "mode": mode, "length": length, "budget": budget, "block": block, "policy": policy, "compiler": compiler,
-        "measure": measure, "prefill_s": round(seconds, 2), "peak_mib": round(peak / 1024, 1),
+        "measure": measure, "head_budgets": head_budgets, "head_tokens": heads,
+        "kv_masked_mib": None if masked is None else round(masked / 2**20, 1),
+        "prefill_s": round(seconds, 2), "peak_mib": round(peak / 1024, 1),
         "peak_bytes": round(peak * 1024), "kv_bound_bytes": per_slot * (budget + block),
         "kv_held_mib": round(cache_bytes(out.past_key_values) / 2**20, 1),
         "kv_full_mib": round(per_slot * length / 2**20, 1),
@@ -166,6 +176,8 @@ def main() -> None:
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--policy", default="snapkv")
     p.add_argument("--compiler", default="inductor", help="kvpass compiler (--measure kv: always aot_eager)")
+    p.add_argument("--head-budgets", choices=("uniform", "adaptive"), default="uniform",
+                   help="kvpass option head_budgets of the block-wise rows")
     p.add_argument("--measure", choices=("rss", "kv"), default="rss",
                    help="rss: peak resident-memory increase (every tensor); kv: peak bytes of K/V-shaped tensors")
     p.add_argument("--threads", type=int, default=2)
@@ -177,14 +189,14 @@ def main() -> None:
     if args.one:
         mode, length = args.one[0], int(args.one[1])
         print(json.dumps(run_one(args.model, mode, length, args.budget, args.block, args.policy, args.compiler,
-                                 args.measure)))
+                                 args.measure, args.head_budgets)))
         return
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--one", mode, str(length), "--model", args.model, "--budget",
                    str(args.budget), "--block", str(args.block), "--policy", args.policy, "--compiler", args.compiler,
-                   "--threads", str(args.threads), "--measure", args.measure]
+                   "--threads", str(args.threads), "--measure", args.measure, "--head-budgets", args.head_budgets]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
@@ -193,7 +205,8 @@ def main() -> None:
             rows.append(row)
             print(f"{row['mode']:>9} {row['length']:>6}: peak +{row['peak_mib']:>7} MiB  "
                   f"KV held {row['kv_held_mib']:>6} "
-                  f"MiB (full {row['kv_full_mib']}, bound {row['kv_bound_mib']})  {row['prefill_s']} s", flush=True)
+                  f"MiB (full {row['kv_full_mib']}, bound {row['kv_bound_mib']}, one row per head "
+                  f"{row['kv_masked_mib']})  {row['prefill_s']} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     _plot(rows, args.plot, args.measure)

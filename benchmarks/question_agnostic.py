@@ -44,6 +44,7 @@ import torch
 
 METHODS = ("full", "streaming_llm", "snapkv", "h2o", "snapkv-block", "h2o-block", "repeat-block", "epicache",
            "epicache-minilm", "epicache-layers")
+HEADS = "+heads"  # method suffix: option head_budgets "adaptive" (policies that score by attention)
 
 
 def _contexts(benchmark: str, tokenizer, args) -> list[dict]:
@@ -89,18 +90,42 @@ def _segments(tokenizer, ids: list[int], per_segment: int, newline: bool) -> lis
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def _span_kept(ctx, span: list[int]) -> float:
-    """Share of ``span``'s tokens held, over every layer and kv-head of a compressed context."""
-    held = [torch.isin(torch.arange(*span), state.pos.reshape(-1, state.pos.shape[-1])[h]).float().mean()
-            for state in ctx.layers.values() for h in range(state.pos.shape[0] * state.pos.shape[1])]
+def _span_kept(ctx, span: list[int], packed: bool) -> float:
+    """Share of ``span``'s tokens held, over every layer and kv-head of a compressed context (``packed``: a
+    head-adaptive store, whose slots carry their heads)."""
+    from kvpass.ops import slot_heads
+
+    held = []
+    for state in ctx.layers.values():
+        pos, head = slot_heads(state.pos, packed)
+        held += [torch.isin(torch.arange(*span), pos[b][head[b] == h]).float().mean()
+                 for b in range(pos.shape[0]) for h in range(pos.shape[1])]
     return float(torch.stack(held).mean())
 
 
+def _row_per_head_ratio(ctx, packed: bool) -> float:
+    """Bytes a store with one row per kv head, as long as its fullest head, would take over the bytes held."""
+    from kvpass.ops import slot_heads
+
+    longest = held = 0
+    for state in ctx.layers.values():
+        pos, head = slot_heads(state.pos, packed)
+        for b in range(pos.shape[0]):
+            counts = torch.bincount(head[b][pos[b] >= 0], minlength=pos.shape[1])
+            longest, held = longest + int(counts.max()) * pos.shape[1], held + pos.shape[1] * pos.shape[2]
+    return longest / held
+
+
 def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict:
+    """kvpass options of a method; a ``+heads`` suffix shares each layer's slots among its heads (head_budgets)."""
+    heads = method.endswith(HEADS)
+    method = method.removesuffix(HEADS)
     policy = {"repeat-block": "epicache", "full": "streaming_llm", "epicache-layers": "epicache",
               "epicache-minilm": "epicache"}.get(
         method, method.removesuffix("-block"))
     options = {"policy": policy, "budget": budget, "compiler": args.compiler}
+    if heads:
+        options["head_budgets"] = "adaptive"
     if method.endswith("-block") or method.startswith("epicache"):
         options["prefill_block"] = args.block
     if method == "repeat-block":
@@ -150,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--benchmark", choices=("niah", "locomo"), default="locomo")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)}; append {HEADS} to an attention-scored one "
+                        "(snapkv, h2o, their -block forms, epicache*) for head-adaptive budgets")
     p.add_argument("--budgets", type=ints, default=[256, 512, 1024], help="KV slots per layer")
     p.add_argument("--lengths", type=ints, default=[1024], help="niah: prompt lengths")
     p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9])
@@ -184,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     methods = args.methods.split(",")
     for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+        if m.removesuffix(HEADS) not in METHODS:
+            p.error(f"unknown method {m!r}; valid: {', '.join(METHODS)} (optionally with {HEADS})")
+        if m.endswith(HEADS) and m.removesuffix(HEADS) in ("full", "streaming_llm"):
+            p.error(f"method {m!r}: {HEADS} needs a method that scores by attention, not {m.removesuffix(HEADS)!r}")
     torch.set_num_threads(args.threads)
 
     import kvpass.models
@@ -210,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
             # full: room for the longest context, its question and answer (nothing is ever evicted)
             options = _options(method, longest + 128 if budget is None else budget, args, model, tok)
             forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
-            embed = sentence_embed(tok) if method == "epicache-minilm" else None  # loaded once per cell
+            embed = sentence_embed(tok) if method.startswith("epicache-minilm") else None  # loaded once per cell
             for c in contexts:
                 n = len(c["context"])
                 t0 = time.perf_counter()
@@ -220,24 +249,27 @@ def main(argv: list[str] | None = None) -> None:
                     epi.build(c["context"], segments)
                 else:
                     ctx = compress_context(forward, model, options, c["context"],
-                                           observe="repeat" if method == "repeat-block" else None)
+                                           observe="repeat" if method.startswith("repeat-block") else None)
                 compress_s = time.perf_counter() - t0
                 for q_ids, sample, span in c["questions"]:
                     routed_ok = None
                     if method.startswith("epicache"):
                         tokens, episode = epi.answer(q_ids, sample.max_new_tokens, stop)
-                        kept = _span_kept(epi.contexts[episode], span)
+                        used = epi.contexts[episode]
                         held = [i for i, (s, e) in enumerate(segments) if s < span[1] and span[0] < e]
                         routed_ok = bool(epi.route(q_ids) in {int(epi.labels[i]) for i in held})
                     else:
                         tokens = answer(forward, model, options, ctx, q_ids, sample.max_new_tokens, stop)
-                        kept = _span_kept(ctx, span)
+                        used = ctx
+                    packed = method.endswith(HEADS)
+                    kept = _span_kept(used, span, packed)
                     text = tok.decode(tokens, skip_special_tokens=True)
                     records.append({
                         "method": method, "budget": budget, "context": c["uid"], "context_tokens": n,
                         "uid": sample.uid, "answer": sample.answers[0], "output": text,
                         "correct": sample.is_correct(text), "span_kept": kept, "routed_to_fact": routed_ok,
                         "compress_s": round(compress_s, 2),
+                        "row_per_head_ratio": round(_row_per_head_ratio(used, packed), 3) if packed else None,
                     })  # fmt: skip
                     print(f"{method:>13} {budget or 'all':>5} {sample.uid}: {text!r} (want {sample.answers[0]}, "
                           f"{'ok' if records[-1]['correct'] else 'wrong'}; span kept {kept:.2f}"

@@ -29,6 +29,8 @@ class KVPassOptions:
     prefill_block: int | None = None  # prefill the prompt in blocks of this many tokens
     episodes: int | None = None       # EpiCache: conversation episodes (caches) built by kvpass.EpisodicCache
     reference_kernels: bool = False   # run the ops' pure-torch references on every device (debugging)
+    head_budgets: str = "uniform"     # "adaptive": a layer's heads share its slots (Ada-KV), packed store
+    head_floor: float = 0.2           # adaptive: each head keeps at least this fraction of the per-head budget
 
     def uuid(self) -> str:
         """A key that changes whenever an option changes (for compile caches)."""
@@ -41,6 +43,8 @@ class KVPassOptions:
                 "compiler": self.compiler,
                 "prefill_block": self.prefill_block,
                 "reference_kernels": self.reference_kernels,
+                "head_budgets": self.head_budgets,
+                "head_floor": self.head_floor,
             },
             sort_keys=True,
         )
@@ -60,7 +64,11 @@ class KVPassOptions:
 
 _POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate"}
 VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
-              "reference_kernels", *sorted(_POLICY_KEYS))
+              "reference_kernels", "head_budgets", "head_floor", *sorted(_POLICY_KEYS))
+HEAD_BUDGETS = ("uniform", "adaptive")
+# Policies whose per-slot scores are softmax weights of the slot's own kv head, comparable across heads (Ada-KV's
+# premise). TOVA and StreamingLLM rank every head alike, and key norms are not comparable across heads.
+ADAPTIVE_HEAD_POLICIES = ("epicache", "h2o", "pyramidkv", "snapkv")
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -132,5 +140,31 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
     if not isinstance(reference_kernels, bool):
         raise ValueError(f"kvpass: option 'reference_kernels' must be True or False (True runs the ops' pure-torch "
                          f"references instead of the Triton kernels, for debugging), got {reference_kernels!r}")
+    head_budgets, head_floor = _head_options(options, policy)
     return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes,
-                         reference_kernels)
+                         reference_kernels, head_budgets, head_floor)
+
+
+def _head_options(options: dict[str, Any], policy: Policy) -> tuple[str, float]:
+    head_budgets = options.get("head_budgets", "uniform")
+    if head_budgets not in HEAD_BUDGETS:
+        raise ValueError(f"kvpass: option 'head_budgets' must be one of {list(HEAD_BUDGETS)}, got {head_budgets!r}")
+    head_floor = options.get("head_floor")
+    if head_floor is not None and head_budgets != "adaptive":
+        raise ValueError(f"kvpass: option 'head_floor' ({head_floor!r}) applies to head_budgets 'adaptive' only; "
+                         f"got head_budgets {head_budgets!r}")
+    if head_floor is None:
+        head_floor = KVPassOptions.head_floor
+    if isinstance(head_floor, bool) or not isinstance(head_floor, int | float) or not 0 <= head_floor <= 1:
+        raise ValueError(f"kvpass: option 'head_floor' must be a number in [0, 1] (fraction of the per-head budget "
+                         f"every head keeps), got {head_floor!r}")
+    if head_budgets == "adaptive":
+        if policy.name not in ADAPTIVE_HEAD_POLICIES:
+            raise ValueError(
+                f"kvpass: head_budgets 'adaptive' compares attention scores across heads; policy {policy.name!r} "
+                f"does not score that way. Use one of {list(ADAPTIVE_HEAD_POLICIES)}")
+        if getattr(policy, "kernel_size", 1) > 1 and policy.name == "epicache":
+            raise ValueError(
+                f"kvpass: head_budgets 'adaptive' packs a layer's heads into one store, so slots are not in position "
+                f"order and EpiCache's pooling (kernel_size {policy.kernel_size}) has no neighbours; use kernel_size 1")
+    return head_budgets, float(head_floor)

@@ -223,6 +223,167 @@ def _(k, v, pos, keep, acc, budget, capacity, window):
             pos.new_empty(b, h, capacity), acc.new_empty(b, h, capacity))
 
 
+# Head-adaptive stores (option head_budgets "adaptive", after Ada-KV: Feng et al., "Ada-KV: Optimizing KV Cache
+# Eviction by Adaptive Budget Allocation for Efficient LLM Inference", arXiv:2407.11550). A layer keeps
+# ``H_kv * budget`` slots in all, shared by its kv heads as their scores decide, so one head may keep many tokens and
+# another few while the store stays ``[B, H_kv, budget, D]`` bytes: the store is *packed*. Its slots, read flat
+# (``H_kv * budget`` of them), belong to any head; each slot's head is carried in the store metadata, packed with its
+# position as ``pos * H_kv + head`` (-1: empty). HF's cache appends each forward's new tokens to the rows
+# (``cat`` along the slot axis), row ``r`` getting kv head ``r``'s, so the candidates ``[B, H_kv, N, D]`` of a
+# forward are the packed store's slots followed by each head's new tokens: every slot carries its head.
+
+
+def pack_positions(pos: Tensor, head: Tensor, n_kv_heads: int) -> Tensor:
+    """``pos * H_kv + head`` for real slots, -1 for empty ones."""
+    return torch.where(pos >= 0, pos * n_kv_heads + head, -1)
+
+
+def unpack_positions(packed: Tensor, n_kv_heads: int) -> tuple[Tensor, Tensor]:
+    """``(pos, head)`` of packed store metadata; an empty slot has pos -1 and an arbitrary head."""
+    return torch.where(packed >= 0, packed.div(n_kv_heads, rounding_mode="floor"), -1), packed.remainder(n_kv_heads)
+
+
+def slot_heads(pos: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
+    """``(pos, head)`` ``[B, H_kv, C]`` of a store's metadata, packed or not (an unpacked store's row ``r`` is head
+    ``r``)."""
+    if packed:
+        return unpack_positions(pos, pos.shape[1])
+    return pos, torch.arange(pos.shape[1], device=pos.device).view(1, -1, 1).expand(pos.shape)
+
+
+def extend_packed_meta_reference(
+    pos: Tensor, acc: Tensor, seen: Tensor, new_valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`extend_meta_reference` for a packed store: ``pos`` ``[B, H_kv, C]`` is packed; returns
+    ``(pos_all, head_all, acc_all, seen_after)``, positions and heads unpacked, ``[B, H_kv, C + T]`` each."""
+    b, h, _ = pos.shape
+    past_pos, past_head = unpack_positions(pos, h)
+    pos_all, acc_all, seen_after = extend_meta_reference(past_pos, acc, seen, new_valid)
+    rows = torch.arange(h, device=pos.device).view(1, h, 1).expand(b, h, new_valid.shape[1])
+    return pos_all, torch.cat([past_head, rows], dim=2), acc_all, seen_after
+
+
+extend_packed_meta = torch.library.custom_op("kvpass::extend_packed_meta", mutates_args=())(
+    extend_packed_meta_reference)
+
+
+@extend_packed_meta.register_fake
+def _(pos, acc, seen, new_valid):
+    b, h, c = pos.shape
+    t = new_valid.shape[1]
+    return (pos.new_empty(b, h, c + t), pos.new_empty(b, h, c + t), acc.new_empty(b, h, c + t),
+            seen.new_empty(seen.shape))
+
+
+def attend_packed_reference(
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, head: Tensor, scale: float, policy: str
+) -> tuple[Tensor, Tensor]:
+    """:func:`attend_reference` over packed candidates: kv head ``g`` attends to the slots whose ``head`` is ``g``.
+
+    Slot ``(r, j)`` of ``k``/``v`` ``[B, H_kv, N, D]`` is a store slot for ``j < N - T`` and else new token
+    ``j - (N - T)`` (of head ``r``); causality is by that index, as in :func:`attention_mask`. Every query reads
+    all ``H_kv * N`` slots (masked to its head's), so this costs ``H_kv``x the FLOPs of a uniform store of the
+    same bytes. ``obs [B, H_q, N]`` is laid out like the candidates: entry ``(r * group + i, j)`` is query head
+    ``i`` of slot ``(r, j)``'s own kv head group, so the policies score packed slots unchanged.
+    """
+    b, hq, t, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    group, m, past = hq // hkv, hkv * n, n - t
+    rule = policy_from_spec(policy)
+    n_obs = rule.n_obs(t) if rule.needs_obs else 0
+    first_obs = t - n_obs
+    k_flat, v_flat = k.reshape(b, 1, m, d), v.reshape(b, 1, m, v.shape[-1])
+    slot = torch.arange(n, device=q.device).repeat(hkv)                          # index within its row
+    kv_heads = torch.arange(hkv, device=q.device)
+    visible = (head.reshape(b, 1, m) == kv_heads.view(1, hkv, 1)) & (pos.reshape(b, 1, m) >= 0)  # [B, H_kv, M]
+    qg = q.view(b, hkv, group, t, d)
+    obs = torch.zeros(b, hkv, group, m if n_obs > 0 else 0, dtype=torch.float32, device=q.device)
+    rows = max(1, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // (group * m))) if isinstance(m, int) else _QUERY_CHUNK
+    bounds = [*range(0, first_obs, rows), *range(first_obs, t, rows), t]
+    chunks: list[Tensor] = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        query = torch.arange(start, stop, device=q.device)
+        r = stop - start
+        causal = (slot < past) | (slot - past <= query[:, None])                  # [r, M]
+        allowed = visible[:, :, None, :] & causal                                 # [B, H_kv, r, M]
+        own = torch.arange(m, device=q.device) == (kv_heads * n + past).view(hkv, 1, 1) + query.view(1, r, 1)
+        allowed = allowed | (own & ~allowed.any(dim=-1, keepdim=True))  # a padding query sees itself
+        mask = allowed[:, :, None].expand(b, hkv, group, r, m).reshape(b, hkv, group * r, m)
+        qc = qg[:, :, :, start:stop].reshape(b, hkv, group * r, d)
+        logits = (qc.float() @ k_flat.float().transpose(-1, -2)) * scale
+        weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        chunks.append((weights.to(v.dtype) @ v_flat).to(q.dtype).view(b, hkv, group, r, -1))
+        if stop > first_obs:
+            observed = weights.view(b, hkv, group, r, m)[:, :, :, max(first_obs - start, 0) :]
+            obs = torch.maximum(obs, observed.amax(dim=3)) if rule.obs_reduce == "max" else obs + observed.sum(dim=3)
+    out = torch.cat(chunks, dim=3) if len(chunks) > 1 else chunks[0]
+    if n_obs > 0:  # weights of slot (r, j) from its own head's group: [B, H_kv(g), group, H_kv(r), N] → [B, H_q, N]
+        own_head = head.view(b, 1, 1, hkv, n).expand(b, 1, group, hkv, n)
+        obs = obs.view(b, hkv, group, hkv, n).gather(1, own_head).squeeze(1).transpose(1, 2).reshape(b, hq, n)
+    else:
+        obs = obs.view(b, hq, 0)
+    return out.reshape(b, hq, t, -1), obs
+
+
+attend_packed = torch.library.custom_op("kvpass::attend_packed", mutates_args=())(attend_packed_reference)
+
+
+@attend_packed.register_fake
+def _(q, k, v, pos, head, scale, policy):
+    b, hq = q.shape[:2]
+    n = k.shape[2] if policy_from_spec(policy).needs_obs else 0
+    return q.new_empty(q.shape), q.new_empty(b, hq, n, dtype=torch.float32)
+
+
+def compact_packed_reference(
+    k: Tensor, v: Tensor, pos: Tensor, head: Tensor, keep: Tensor, acc: Tensor, budget: int, capacity: int,
+    floor: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Keep the ``H_kv * budget`` highest-``keep`` slots of each batch row, whatever their heads, packed.
+
+    Every head first keeps its ``int(floor * budget)`` best real slots (Ada-KV's safeguard against starving a
+    head). Returns the packed store ``[B, H_kv, capacity, D]`` (slots in flat candidate order), its packed
+    positions and ``acc``; slots beyond the kept real tokens are empty.
+    """
+    b, hkv, n, d = k.shape
+    m = hkv * n
+    per_head = min(budget, n)
+    n_keep = hkv * per_head
+    rank = keep.masked_fill(pos < 0, float("-inf")).reshape(b, m)
+    head_flat = head.reshape(b, m)
+    n_floor = int(floor * per_head)
+    if n_floor > 0:
+        kv_heads = torch.arange(hkv, device=k.device).view(1, hkv, 1)
+        best = rank[:, None, :].masked_fill(head_flat[:, None, :] != kv_heads, float("-inf")).topk(n_floor, dim=-1)
+        # scatter_add, not scatter: a head with fewer real slots than the floor picks -inf slots of other heads
+        guarded = torch.zeros(b, m, device=k.device).scatter_add_(
+            1, best.indices.reshape(b, -1), best.values.isfinite().float().reshape(b, -1)) > 0
+        rank = rank.masked_fill(guarded, float("inf"))
+    idx = kept_indices(rank.view(b, 1, m), n_keep).view(b, n_keep)
+    flat = (idx + torch.arange(b, device=k.device).view(b, 1) * m).reshape(-1)
+    k_out = k.reshape(b * m, d).index_select(0, flat).view(b, hkv, per_head, d)
+    v_out = v.reshape(b * m, v.shape[-1]).index_select(0, flat).view(b, hkv, per_head, -1)
+    kept_pos = pack_positions(pos.reshape(b, m).gather(1, idx), head_flat.gather(1, idx), hkv).view(b, hkv, per_head)
+    acc_out = acc.reshape(b, m).gather(1, idx).view(b, hkv, per_head)
+    pad = capacity - per_head
+    if pad > 0:
+        k_out = torch.nn.functional.pad(k_out, (0, 0, 0, pad))
+        v_out = torch.nn.functional.pad(v_out, (0, 0, 0, pad))
+        kept_pos = torch.nn.functional.pad(kept_pos, (0, pad), value=-1)
+        acc_out = torch.nn.functional.pad(acc_out, (0, pad))
+    return k_out, v_out, kept_pos, acc_out
+
+
+compact_packed = torch.library.custom_op("kvpass::compact_packed", mutates_args=())(compact_packed_reference)
+
+
+@compact_packed.register_fake
+def _(k, v, pos, head, keep, acc, budget, capacity, floor):
+    b, h, _, d = k.shape
+    return (k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, v.shape[-1]),
+            pos.new_empty(b, h, capacity), acc.new_empty(b, h, capacity))
+
+
 # op overload → its pure-torch reference; lowering passes these to AOTAutograd as decompositions so
 # Inductor compiles (and fuses) the reference code instead of calling the opaque op.
 REFERENCES = {
@@ -230,4 +391,7 @@ REFERENCES = {
     torch.ops.kvpass.attend.default: attend_reference,
     torch.ops.kvpass.score.default: score_reference,
     torch.ops.kvpass.compact.default: compact_reference,
+    torch.ops.kvpass.extend_packed_meta.default: extend_packed_meta_reference,
+    torch.ops.kvpass.attend_packed.default: attend_packed_reference,
+    torch.ops.kvpass.compact_packed.default: compact_packed_reference,
 }

@@ -57,9 +57,11 @@ class LayerStats:
     slots: int              # store capacity (sequence length of the cached tensors)
     real_tokens: int | None  # slots holding real tokens, summed over batch and kv-heads (None: not a kvpass store)
     kv_bytes: int            # bytes of keys + values held now
+    head_tokens: list[int] | None = None  # real tokens per kv head, summed over batch (differ: head_budgets adaptive)
 
     def __str__(self) -> str:
-        return f"layer {self.layer}: {self.slots} slots, {self.kv_bytes} bytes, real tokens {self.real_tokens}"
+        heads = "" if self.head_tokens is None else f" (per kv head {self.head_tokens})"
+        return f"layer {self.layer}: {self.slots} slots, {self.kv_bytes} bytes, real tokens {self.real_tokens}{heads}"
 
 
 def kv_stats(cache: Any) -> list[LayerStats]:
@@ -74,7 +76,7 @@ def kv_stats(cache: Any) -> list[LayerStats]:
             stats.append(LayerStats(i, 0, 0, 0))
             continue
         found = find_session(keys)
-        real = found[0].real_tokens(found[1], keys) if found else None
+        heads = found[0].head_tokens(found[1], keys) if found else None
         nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
-        stats.append(LayerStats(i, keys.shape[-2], real, nbytes))
+        stats.append(LayerStats(i, keys.shape[-2], None if heads is None else sum(heads), nbytes, heads))
     return stats

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 
 from kvpass.config import KVPassOptions
+from kvpass.ops import pack_positions, slot_heads
 from kvpass.passes import LayerPlan
 
 
 @dataclasses.dataclass
 class LayerState:
-    pos: torch.Tensor    # [B, H_kv, C] int64, -1 = empty slot
+    pos: torch.Tensor    # [B, H_kv, C] int64, -1 = empty slot (head_budgets "adaptive": pos * H_kv + head)
     acc: torch.Tensor    # [B, H_kv, C] float32
     seen: torch.Tensor   # [B] int64
     keys: torch.Tensor   # the store this metadata describes (the tensor the cache now holds)
@@ -70,6 +71,8 @@ class Session:
             if state is None or state.keys.data_ptr() != store.data_ptr() or state.keys.shape != store.shape:
                 b, h, c, _ = store.shape
                 pos = torch.arange(c, device=store.device).expand(b, h, c).contiguous()
+                if self.options.head_budgets == "adaptive":  # row r holds head r's tokens
+                    pos = pack_positions(pos, torch.arange(h, device=store.device).view(1, h, 1), h)
                 state = LayerState(pos, torch.zeros(b, h, c, device=store.device),
                                    torch.full((b,), -1 if plan.static else c, dtype=torch.int64, device=store.device),
                                    store)
@@ -86,11 +89,13 @@ class Session:
             pos, acc, seen = extra[3 * i : 3 * i + 3]
             self.layers[plan.layer] = LayerState(pos, acc, seen, stores[plan.layer])
 
-    def real_tokens(self, layer: int, keys: torch.Tensor) -> int | None:
+    def head_tokens(self, layer: int, keys: torch.Tensor) -> list[int] | None:
+        """Real tokens the store ``keys`` of ``layer`` holds per kv head, summed over the batch (None: unknown)."""
         state = self.layers.get(layer)
         if state is None or state.keys.data_ptr() != keys.data_ptr():
             return None
-        return int((state.pos >= 0).sum().item())
+        pos, head = slot_heads(state.pos, self.options.head_budgets == "adaptive")
+        return torch.bincount(head[pos >= 0], minlength=pos.shape[1]).tolist()
 
 
 _SESSIONS: dict[int, Session] = {}

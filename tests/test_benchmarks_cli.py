@@ -40,3 +40,11 @@ def test_first_conversation_must_leave_conversations_to_run(argv, got, capsys):
         script("question_agnostic").main(argv)
     err = capsys.readouterr().err
     assert "--first-conversation must be in [0, --conversations=" in err and err.rstrip().endswith(f"got {got}")
+
+
+@pytest.mark.parametrize("method, message", [("snapkv+head", "unknown method 'snapkv+head'"),
+                                             ("full+heads", "method 'full+heads': +heads needs a method that scores")])
+def test_question_agnostic_methods_are_checked_before_loading_a_model(method, message, capsys):
+    with pytest.raises(SystemExit):
+        script("question_agnostic").main(["--methods", method])
+    assert message in capsys.readouterr().err

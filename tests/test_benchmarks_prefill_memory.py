@@ -27,3 +27,16 @@ def test_kv_measure_refuses_a_model_without_grouped_query_attention():
     with pytest.raises(SystemExit, match="needs grouped-query attention .* this model has 4 of each"):
         script("prefill_memory").measure_prefill(model, "blockwise", 64, budget=32, block=16, policy="snapkv",
                                                  compiler="aot_eager", measure="kv")
+
+
+def test_head_adaptive_blockwise_prefill_holds_the_budget_in_the_same_bound():
+    bench = script("prefill_memory")
+    model = tiny_model("llama", "sdpa", layers=4)
+    rows = {hb: bench.measure_prefill(model, "blockwise", 512, budget=128, block=32, policy="snapkv",
+                                      compiler="aot_eager", measure="kv", head_budgets=hb)
+            for hb in ("uniform", "adaptive")}
+    uniform, adaptive = rows["uniform"], rows["adaptive"]
+    assert adaptive["peak_bytes"] <= 1.1 * adaptive["kv_bound_bytes"]
+    assert adaptive["kv_held_mib"] == uniform["kv_held_mib"]
+    assert all(sum(heads) == 2 * 128 for heads in adaptive["head_tokens"])  # 2 kv heads x budget, however shared
+    assert uniform["head_tokens"] == [[128, 128]] * 4 and adaptive["kv_masked_mib"] >= adaptive["kv_held_mib"]

@@ -24,17 +24,19 @@ def prefill(forward, model, ids, mask=None, **kw):
 
 
 def attend_slots(fn):
-    """Run ``fn``; return its result and the candidate slots (store + new tokens) of every kvpass::attend call."""
+    """Run ``fn``; return its result and the candidate slots (store + new tokens) of every attention op call."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         result = fn()
-    return result, [e.input_shapes[1][2] for e in prof.events() if e.name == "kvpass::attend" and e.input_shapes[1]]
+    names = ("kvpass::attend", "kvpass::attend_packed")
+    return result, [e.input_shapes[1][2] for e in prof.events() if e.name in names and e.input_shapes[1]]
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "epicache"])
-def test_block_prefill_with_budget_covering_the_prompt_is_exact_for_every_length(policy):
+@pytest.mark.parametrize("policy, head_budgets", [("snapkv", "uniform"), ("epicache", "uniform"),
+                                                  ("epicache", "adaptive")])
+def test_block_prefill_with_budget_covering_the_prompt_is_exact_for_every_length(policy, head_budgets):
     model = tiny_model()
     ref_model = tiny_model()
-    model.forward = compiled(model, policy=policy, budget=128, prefill_block=16)
+    model.forward = compiled(model, policy=policy, budget=128, prefill_block=16, head_budgets=head_budgets)
     for length in (100, 77, 40):  # 7, 5 and 3 blocks; the first one left-padded
         ids = torch.randint(1, 128, (1, length), generator=torch.Generator().manual_seed(length))
         ref = generate(ref_model, ids)
@@ -57,11 +59,14 @@ def test_block_prefill_of_a_left_padded_batch_matches_every_real_token_logit():
     assert [s.real_tokens for s in stats] == [2 * (50 + 37)] * 2  # kv heads x real tokens of both rows
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "pyramidkv", "epicache"])
-def test_stores_never_exceed_budget_plus_one_block(policy):
+@pytest.mark.parametrize("policy, head_budgets", [
+    ("h2o", "uniform"), ("tova", "uniform"), ("pyramidkv", "uniform"), ("epicache", "uniform"),
+    ("epicache", "adaptive"),
+])
+def test_stores_never_exceed_budget_plus_one_block(policy, head_budgets):
     model = tiny_model()
     extra = {"window": 8} if policy in ("snapkv", "pyramidkv", "epicache") else {}
-    forward = compiled(model, policy=policy, budget=24, prefill_block=16, **extra)
+    forward = compiled(model, policy=policy, budget=24, prefill_block=16, head_budgets=head_budgets, **extra)
     ids = torch.randint(1, 128, (1, 150))
     prefill(forward, model, ids[:, :40], logits_to_keep=1)  # compile outside the recording mode
     out, slots = attend_slots(lambda: prefill(forward, model, ids, logits_to_keep=1))
@@ -72,6 +77,7 @@ def test_stores_never_exceed_budget_plus_one_block(policy):
         # every layer holds exactly its budget of real tokens (2 kv heads); with an attention mask all stores
         # share the largest capacity (HF sizes one mask for all layers)
         assert stats.real_tokens == 2 * budgets[layer] and stats.slots == max(budgets)
+        assert sum(stats.head_tokens) == stats.real_tokens
     assert torch.isfinite(out.logits).all()
 
 

@@ -28,6 +28,12 @@ from kvpass.policies import POLICIES
         ({"policy": "snapkv", "budget": 8, "pooling": "median"}, "'median'"),
         ({"policy": "snapkv", "layer_budgets": [4, 0]}, "0"),
         ({"policy": "snapkv", "layer_budgets": "4,4"}, "'4,4'"),
+        ({"policy": "snapkv", "budget": 8, "head_budgets": "per-head"}, "'per-head'"),
+        ({"policy": "snapkv", "budget": 8, "head_floor": 0.3}, "0.3"),
+        ({"policy": "snapkv", "budget": 8, "head_budgets": "adaptive", "head_floor": 1.5}, "1.5"),
+        ({"policy": "snapkv", "budget": 8, "head_budgets": "adaptive", "head_floor": "some"}, "'some'"),
+        ({"policy": "tova", "budget": 8, "head_budgets": "adaptive"}, "'tova'"),
+        ({"policy": "epicache", "budget": 8, "head_budgets": "adaptive", "kernel_size": 3}, "kernel_size 3"),
     ],
 )
 def test_bad_options_are_rejected_with_the_value_quoted(options, quoted):
@@ -51,3 +57,10 @@ def test_budget_ratio_and_layer_budgets():
     with pytest.raises(ValueError, match="2 entries but the model has 3"):
         opts.budget_for(0, 3, 100)
     assert parse_options({"policy": "snapkv", "budget": 8, "window": 4}).policy.window == 4
+
+
+def test_head_budgets_default_uniform_and_adaptive_keeps_its_floor():
+    assert parse_options({"policy": "snapkv", "budget": 8}).head_budgets == "uniform"
+    opts = parse_options({"policy": "h2o", "budget": 8, "head_budgets": "adaptive", "head_floor": 0.5})
+    assert (opts.head_budgets, opts.head_floor) == ("adaptive", 0.5)
+    assert parse_options({"policy": "snapkv", "budget": 8, "head_budgets": "adaptive"}).head_floor == 0.2

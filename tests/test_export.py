@@ -29,17 +29,21 @@ def greedy(model, ids: list[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-@pytest.fixture(scope="module")
-def reference() -> list[int]:
+def compiled_tokens(options: dict) -> list[int]:
     """Greedy tokens of the kvpass-compiled model (fp32), checked to differ from the uncompressed model's."""
     torch._dynamo.reset()
     model = tiny_model()
     full = greedy(model, prompt_ids())
-    model.forward = torch.compile(model.forward, backend="kvpass", options={**OPTIONS, "compiler": "aot_eager"})
+    model.forward = torch.compile(model.forward, backend="kvpass", options={**options, "compiler": "aot_eager"})
     tokens = greedy(model, prompt_ids())
     assert tokens != full, "the budget must change the output, or this test could not see compression missing"
     torch._dynamo.reset()
     return tokens
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[int]:
+    return compiled_tokens(OPTIONS)
 
 
 def generate_in_fresh_process(path, prompts: list[list[int]] | None = None) -> list:
@@ -83,6 +87,12 @@ def test_artifact_in_fresh_process_matches_compiled_model(fmt, reference, tmp_pa
     if fmt in ("pt2", "aoti"):
         assert_weights_stored_once(out)
     assert generate_in_fresh_process(out) == reference
+
+
+def test_head_adaptive_pt2_artifact_matches_compiled_model(tmp_path):
+    options = {**OPTIONS, "head_budgets": "adaptive"}
+    export(tiny_model(), tmp_path / "pt2", format="pt2", progress=False, **options)
+    assert generate_in_fresh_process(tmp_path / "pt2") == compiled_tokens(options)
 
 
 def test_jax_breaks_decode_eviction_ties_like_torch(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvpass import ops
-from kvpass.policies import H2O, Knorm, SnapKV
+from kvpass.policies import H2O, EpiCache, Knorm, SnapKV
 
 B, HQ, HKV, D = 2, 4, 2, 8
 
@@ -103,6 +103,86 @@ def test_compact_drops_tokens_outside_sliding_window():
     assert sorted(p for p in kept.flatten().tolist() if p >= 0) == [4, 5] and (kept == -1).sum() == 4
 
 
+def _packed_candidates(c=5, t=3, seed=0):
+    """A packed store of ``c`` slots per row (heads scattered over rows, two empty slots) plus ``t`` new tokens."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(0, HKV, (B, HKV, c), generator=g)
+    pos = torch.randperm(B * HKV * c, generator=g).view(B, HKV, c) % 7  # positions 0..6, before the new ones
+    pos[0, 0, 1] = pos[1, 1, 3] = -1
+    packed = ops.pack_positions(pos, head, HKV)
+    pos_all, head_all, acc_all, seen = ops.extend_packed_meta(packed, torch.zeros(B, HKV, c),
+                                                              torch.full((B,), 7), torch.ones(B, t, dtype=torch.bool))
+    return pos_all, head_all, acc_all, seen
+
+
+def test_packed_positions_round_trip_and_extend_gives_new_tokens_their_row_head():
+    pos_all, head_all, acc_all, seen = _packed_candidates()
+    assert torch.equal(ops.unpack_positions(ops.pack_positions(pos_all, head_all, HKV), HKV)[0], pos_all)
+    real = pos_all >= 0
+    assert torch.equal(ops.unpack_positions(ops.pack_positions(pos_all, head_all, HKV), HKV)[1][real], head_all[real])
+    assert head_all[:, :, 5:].tolist() == [[[0] * 3, [1] * 3]] * B
+    assert pos_all[:, :, 5:].tolist() == [[[7, 8, 9]] * 2] * 2
+    assert seen.tolist() == [10, 10] and acc_all.shape == (B, HKV, 8)
+
+
+@pytest.mark.parametrize("policy", [SnapKV(window=2), H2O(), EpiCache(window=2)])
+def test_attend_packed_is_each_heads_attention_over_its_own_slots(policy):
+    pos, head, _, _ = _packed_candidates()
+    q, k, v = _rand(3, 8)
+    out, obs = ops.attend_packed(q, k, v, pos, head, D**-0.5, policy.spec())
+    n_obs = policy.n_obs(3)
+    group = HQ // HKV
+    expected_obs = torch.zeros(B, HQ, 8)
+    for b in range(B):
+        for h in range(HQ):
+            g = h // group
+            slots = [(r, j) for r in range(HKV) for j in range(8) if head[b, r, j] == g and pos[b, r, j] >= 0]
+            keys = torch.stack([k[b, r, j] for r, j in slots])
+            vals = torch.stack([v[b, r, j] for r, j in slots])
+            new = torch.tensor([j - 5 if j >= 5 else -1 for _, j in slots])
+            for i in range(3):
+                seen = new <= i  # store slots (-1) and new tokens up to query i
+                w = ((keys[seen] @ q[b, h, i]) * D**-0.5).softmax(-1)
+                torch.testing.assert_close(out[b, h, i], w @ vals[seen], atol=1e-5, rtol=1e-5)
+                if i >= 3 - n_obs:  # obs in candidate layout: entry (r * group + h % group, j) is slot (r, j)
+                    for (r, j), weight in zip([s for s, x in zip(slots, seen, strict=True) if x], w, strict=True):
+                        row = r * group + h % group
+                        if policy.obs_reduce == "max":
+                            expected_obs[b, row, j] = max(expected_obs[b, row, j], weight)
+                        else:
+                            expected_obs[b, row, j] += weight
+    torch.testing.assert_close(obs, expected_obs if n_obs else torch.zeros(B, HQ, 0), atol=1e-5, rtol=1e-5)
+
+
+def test_compact_packed_keeps_the_global_top_with_a_floor_per_head():
+    g = torch.Generator().manual_seed(3)
+    n, budget = 6, 3
+    k = torch.randn(B, HKV, n, D, generator=g)
+    pos = torch.arange(B * HKV * n).view(B, HKV, n) % 50
+    pos[1, 0, 2] = -1
+    head = torch.zeros(B, HKV, n, dtype=torch.int64)
+    head[:, 1, 4:] = 1  # head 1 owns only two slots, both low-scored
+    keep = torch.rand(B, HKV, n, generator=g) + head * -5.0
+    for floor, head1_kept in ((0.0, 0), (0.5, 1), (1.0, 2)):
+        k2, v2, packed, acc2 = ops.compact_packed(k, -k, pos, head, keep, keep.clone(), budget, budget + 1, floor)
+        kept_pos, kept_head = ops.unpack_positions(packed, HKV)
+        for b in range(B):
+            # transcription: each head's best floor*budget real slots, then the best of the rest, H_kv*budget in all
+            flat = [(float(keep[b, r, j]), r * n + j) for r in range(HKV) for j in range(n) if pos[b, r, j] >= 0]
+            by_head = {h: sorted((s for s in flat if head.view(B, -1)[b, s[1]] == h), reverse=True) for h in range(HKV)}
+            guarded = {i for h in by_head for _, i in by_head[h][: int(floor * budget)]}
+            rest = sorted((s for s in flat if s[1] not in guarded), reverse=True)[: HKV * budget - len(guarded)]
+            expected = sorted(guarded | {i for _, i in rest})
+            got = kept_pos[b].flatten()
+            assert int((kept_head[b].flatten()[got >= 0] == 1).sum()) == head1_kept
+            assert (got >= 0).sum() == HKV * budget and (packed[b, :, budget:] == -1).all()
+            assert got[got >= 0].tolist() == [int(pos.view(B, -1)[b, i]) for i in expected]
+            kept_keys = k2[b, :, :budget].reshape(-1, D)
+            assert torch.equal(kept_keys, k.view(B, -1, D)[b, expected])
+            assert torch.equal(v2[b, :, :budget], -k2[b, :, :budget])
+            assert acc2[b, :, :budget].flatten().tolist() == [float(keep.view(B, -1)[b, i]) for i in expected]
+
+
 @pytest.mark.parametrize(
     "op, args",
     [
@@ -117,8 +197,16 @@ def test_compact_drops_tokens_outside_sliding_window():
         (torch.ops.kvpass.compact.default,
          lambda: (torch.randn(B, HKV, 6, D), torch.randn(B, HKV, 6, D), torch.arange(6).expand(B, HKV, 6).contiguous(),
                   torch.rand(B, HKV, 6), torch.rand(B, HKV, 6), 4, 5, 0)),
+        (torch.ops.kvpass.extend_packed_meta.default,
+         lambda: (torch.tensor([3, -1, 8]).expand(B, HKV, 3).contiguous(), torch.zeros(B, HKV, 3),
+                  torch.full((B,), 5, dtype=torch.int64), torch.ones(B, 2, dtype=torch.bool))),
+        (torch.ops.kvpass.attend_packed.default,
+         lambda: (*_rand(3, 8), *_packed_candidates()[:2], 0.3, SnapKV(window=2).spec())),
+        (torch.ops.kvpass.compact_packed.default,
+         lambda: (torch.randn(B, HKV, 8, D), torch.randn(B, HKV, 8, D), *_packed_candidates()[:2],
+                  torch.rand(B, HKV, 8), torch.rand(B, HKV, 8), 4, 5, 0.25)),
     ],
-    ids=["extend_meta", "attend", "score", "compact"],
+    ids=["extend_meta", "attend", "score", "compact", "extend_packed_meta", "attend_packed", "compact_packed"],
 )
 def test_opcheck(op, args):
     torch.library.opcheck(op, args(), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

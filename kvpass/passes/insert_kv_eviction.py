@@ -55,6 +55,11 @@ class InsertKVEviction:
     index starts at 0) is adopted in the graph: slot ``i`` holds position ``i`` for ``i`` below the
     cache's token count. Left padding of a first forward is read from ``position_ids``.
 
+    With option ``head_budgets="adaptive"`` the store is packed (see ``kvpass.ops``): the metadata ``pos`` carries each
+    slot's kv head, compaction keeps the layer's ``H_kv * budget`` best slots whatever their heads (each head keeping
+    its ``head_floor`` share), and graphs with a store attend with ``kvpass::attend_packed``; counted as
+    ``head_adaptive_sites``. StaticCache sites are refused (their buffers keep one row per head).
+
     With ``block`` (from :class:`~kvpass.passes.BlockwisePrefill`), sites with a store input take the
     block's ``valid`` flags for their new tokens, and its ``observe`` tokens get positions (they attend
     to each other) but are dead for scoring and compaction and are not counted in ``seen``.
@@ -125,6 +130,12 @@ class InsertKVEviction:
         is_decode = site.past_keys is not None
         budget, capacity = self.budget(site, n_layers, n_new, is_decode and block is None)
         spec = self.options.policy.spec()
+        packed = self.options.head_budgets == "adaptive"
+        if packed and site.static_writes:
+            raise ValueError(
+                f"kvpass: head_budgets 'adaptive' packs each layer's heads into one DynamicCache store; layer "
+                f"{site.layer} writes a StaticCache, whose buffers keep one row per head. Use a DynamicCache "
+                "(the default cache of generate) or head_budgets 'uniform'")
         keys, values = site.keys, site.values
         with graph.inserting_before(site.attn):
             g = graph.call_function
@@ -157,10 +168,18 @@ class InsertKVEviction:
                     new_valid = self._padding_from_positions(graph, site, placeholders)
                 else:
                     new_valid = self._prefill_validity(graph, site)
-            meta = g(torch.ops.kvpass.extend_meta.default, (pos, acc, seen, new_valid))
-            pos_all, acc_all, seen_all = (g(operator.getitem, (meta, i)) for i in range(3))
-            attended = g(torch.ops.kvpass.attend.default,
-                         (site.q, keys, values, pos_all, site.scale, spec, site.window))
+            if packed:  # head-adaptive store: positions carry each slot's head (kvpass.ops, "packed")
+                meta = g(torch.ops.kvpass.extend_packed_meta.default, (pos, acc, seen, new_valid))
+                pos_all, head_all, acc_all, seen_all = (g(operator.getitem, (meta, i)) for i in range(4))
+            else:
+                meta = g(torch.ops.kvpass.extend_meta.default, (pos, acc, seen, new_valid))
+                pos_all, acc_all, seen_all = (g(operator.getitem, (meta, i)) for i in range(3))
+            if packed and is_decode:
+                attended = g(torch.ops.kvpass.attend_packed.default,
+                             (site.q, keys, values, pos_all, head_all, site.scale, spec))
+            else:  # (a prefill's candidates are its own tokens: row r is head r, packed or not)
+                attended = g(torch.ops.kvpass.attend.default,
+                             (site.q, keys, values, pos_all, site.scale, spec, site.window))
             out, obs = (g(operator.getitem, (attended, i)) for i in range(2))
             if block is not None:  # observation tokens: scored from, never kept, not part of the sequence
                 observed = g(torch.nn.functional.pad, (block.observe, (capacity, 0)), {"value": False})
@@ -170,8 +189,14 @@ class InsertKVEviction:
             n_new_arg = n_new if isinstance(n_new, int) else g(torch.ops.aten.sym_size.int, (site.q, 2))
             scored = g(torch.ops.kvpass.score.default, (spec, obs, keys, pos_all, acc_all, n_new_arg, budget))
             keep, acc_new = (g(operator.getitem, (scored, i)) for i in range(2))
-            compacted = g(torch.ops.kvpass.compact.default,
-                          (keys, values, pos_all, keep, acc_new, budget, capacity, site.window))
+            if packed:
+                compacted = g(torch.ops.kvpass.compact_packed.default,
+                              (keys, values, pos_all, head_all, keep, acc_new, budget, capacity,
+                               self.options.head_floor))
+                self.counters["head_adaptive_sites"] += 1
+            else:
+                compacted = g(torch.ops.kvpass.compact.default,
+                              (keys, values, pos_all, keep, acc_new, budget, capacity, site.window))
             k_store, v_store, pos_store, acc_store = (g(operator.getitem, (compacted, i)) for i in range(4))
             if site.static_writes and is_decode:  # the cache keeps its buffers' addresses: write in place
                 # detached: inference (the ops define no gradients), even where parameters require grad
