@@ -7,9 +7,10 @@ Each row runs in a fresh process (clean peak RSS, no shared compile caches):
 
 Rows per (model, context): the full cache in eager HF, and kvpass (Inductor) at each budget; per model
 also plain Inductor with the full cache at each budget's length (the compiled floor: a step over as
-many tokens as kvpass keeps). With ``--static-cache``, also kvpass keeping its store in a StaticCache
-of ``budget`` slots (mode ``kvpass-static``). ``--repeats N`` runs every row in N processes (rows
-interleaved) and reports the median one, for steps short enough that process-to-process noise
+many tokens as kvpass keeps). ``--head-budgets adaptive`` (or ``both``) runs the kvpass rows with head-adaptive
+budgets (a packed store: each query reads all heads' slots, masked). With ``--static-cache``, also kvpass keeping
+its store in a StaticCache of ``budget`` slots (mode ``kvpass-static``). ``--repeats N`` runs every row in N
+processes (rows interleaved) and reports the median one, for steps short enough that process-to-process noise
 dominates. Decode time is the median over ``--steps`` greedy steps after warm-up.
 """
 
@@ -63,8 +64,9 @@ def run_row(row: dict) -> dict:
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     forward = model.forward
     if row["mode"] in ("kvpass", "kvpass-static"):
-        forward = torch.compile(model.forward, backend="kvpass",
-                                options={"policy": row["policy"], "budget": row["budget"], "compiler": "inductor"})
+        forward = torch.compile(model.forward, backend="kvpass", options={
+            "policy": row["policy"], "budget": row["budget"], "compiler": "inductor",
+            "head_budgets": row.get("head_budgets", "uniform")})
     elif row["mode"] == "inductor":
         forward = torch.compile(model.forward, backend="inductor")
     g = torch.Generator().manual_seed(0)
@@ -121,7 +123,9 @@ def grid(args) -> list[dict]:
             rows.append({**base, "mode": "eager", "context": context, "budget": None})
             for budget in args.budgets:
                 if budget < context:
-                    rows.append({**base, "mode": "kvpass", "context": context, "budget": budget})
+                    for head_budgets in ("uniform", "adaptive") if args.head_budgets == "both" else [args.head_budgets]:
+                        rows.append({**base, "mode": "kvpass", "context": context, "budget": budget,
+                                     "head_budgets": head_budgets})
                     if args.static_cache:
                         rows.append({**base, "mode": "kvpass-static", "context": context, "budget": budget})
     return rows
@@ -139,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="processes per row, rows interleaved; the row reports the median one (default: %(default)s)")
     p.add_argument("--static-cache", action="store_true", help="also run kvpass with a StaticCache of budget slots")
+    p.add_argument("--head-budgets", choices=("uniform", "adaptive", "both"), default="uniform",
+                   help="kvpass option head_budgets of the kvpass rows; both: a row of each (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("results/decode_floor.json"), help="JSON output")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args(argv)
@@ -165,7 +171,8 @@ def main(argv=None) -> int:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[i].append(result)
             compile_s = result["compile_s"]
-            print(f"{result['model']:<13} {result['mode']:<13} ctx {result['context']:>6} "
+            mode = result["mode"] + ("+heads" if result.get("head_budgets") == "adaptive" else "")
+            print(f"{result['model']:<13} {mode:<13} ctx {result['context']:>6} "
                   f"budget {str(result['budget']):>5}  decode {result['decode_ms']:7.1f} ms/tok  "
                   f"prefill {result['prefill_s']:6.2f} s  KV {result['kv_bytes'] / 2**20:7.1f} MiB  "
                   f"peak RSS {result['peak_rss_bytes'] / 2**20:6.0f} MiB"

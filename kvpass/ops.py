@@ -356,7 +356,7 @@ def compact_packed_reference(
         kv_heads = torch.arange(hkv, device=k.device).view(1, hkv, 1)
         best = rank[:, None, :].masked_fill(head_flat[:, None, :] != kv_heads, float("-inf")).topk(n_floor, dim=-1)
         # scatter_add, not scatter: a head with fewer real slots than the floor picks -inf slots of other heads
-        guarded = torch.zeros(b, m, device=k.device).scatter_add_(
+        guarded = torch.zeros(b, m, device=k.device).scatter_add(
             1, best.indices.reshape(b, -1), best.values.isfinite().float().reshape(b, -1)) > 0
         rank = rank.masked_fill(guarded, float("inf"))
     idx = kept_indices(rank.view(b, 1, m), n_keep).view(b, n_keep)
