@@ -8,7 +8,8 @@ in ``kvpass.kernels`` are tested against them). Shapes, per layer:
 * ``pos`` ``[B, H_kv, N]`` int64 holds each slot's logical position (``-1``: padding or empty slot);
 * ``acc`` ``[B, H_kv, N]`` float32 is the policy's carried statistic.
 
-All four ops are functional (no mutation), so graphs stay exportable.
+All ops are functional (no mutation), so graphs stay exportable. Head-adaptive stores (packed) have their own
+three ops, below.
 """
 
 from __future__ import annotations
