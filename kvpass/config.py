@@ -163,7 +163,7 @@ def _head_options(options: dict[str, Any], policy: Policy) -> tuple[str, float]:
             raise ValueError(
                 f"kvpass: head_budgets 'adaptive' compares attention scores across heads; policy {policy.name!r} "
                 f"does not score that way. Use one of {list(ADAPTIVE_HEAD_POLICIES)}")
-        if getattr(policy, "kernel_size", 1) > 1 and policy.name == "epicache":
+        if policy.name == "epicache" and policy.kernel_size > 1:
             raise ValueError(
                 f"kvpass: head_budgets 'adaptive' packs a layer's heads into one store, so slots are not in position "
                 f"order and EpiCache's pooling (kernel_size {policy.kernel_size}) has no neighbours; use kernel_size 1")
