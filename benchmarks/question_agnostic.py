@@ -105,14 +105,12 @@ def _span_kept(ctx, span: list[int], packed: bool) -> float:
 
 def _row_per_head_ratio(ctx, packed: bool) -> float:
     """Bytes a store with one row per kv head, as long as its fullest head, would take over the bytes held."""
-    from kvpass.ops import slot_heads
+    from kvpass.ops import tokens_per_head
 
     longest = held = 0
     for state in ctx.layers.values():
-        pos, head = slot_heads(state.pos, packed)
-        for b in range(pos.shape[0]):
-            counts = torch.bincount(head[b][pos[b] >= 0], minlength=pos.shape[1])
-            longest, held = longest + int(counts.max()) * pos.shape[1], held + pos.shape[1] * pos.shape[2]
+        longest += int(tokens_per_head(state.pos, packed).amax(dim=1).sum()) * state.pos.shape[1]
+        held += state.pos.numel()
     return longest / held
 
 

@@ -204,14 +204,26 @@ def compact_reference(
     n_keep = min(budget, n)
     idx = kept_indices(rank, n_keep)
     kept_pos = pos.gather(2, idx).masked_fill(dead.gather(2, idx), -1)
-    k_out, v_out, acc_out = gather_slots(k, idx), gather_slots(v, idx), acc.gather(2, idx)
-    pad = capacity - n_keep
-    if pad > 0:  # empty slots: never attended (pos = -1), so their K/V content is irrelevant
-        k_out = torch.nn.functional.pad(k_out, (0, 0, 0, pad))
-        v_out = torch.nn.functional.pad(v_out, (0, 0, 0, pad))
-        kept_pos = torch.nn.functional.pad(kept_pos, (0, pad), value=-1)
-        acc_out = torch.nn.functional.pad(acc_out, (0, pad))
-    return k_out, v_out, kept_pos, acc_out
+    return pad_store(gather_slots(k, idx), gather_slots(v, idx), kept_pos, acc.gather(2, idx), capacity)
+
+
+def pad_store(k: Tensor, v: Tensor, pos: Tensor, acc: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pad a compacted store ``[B, H_kv, C, ...]`` to ``capacity`` slots with empty ones (``pos = -1``: never
+    attended, so their K/V content is irrelevant)."""
+    pad = capacity - k.shape[2]
+    if pad > 0:
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+        pos = torch.nn.functional.pad(pos, (0, pad), value=-1)
+        acc = torch.nn.functional.pad(acc, (0, pad))
+    return k, v, pos, acc
+
+
+def _store_like(k: Tensor, v: Tensor, pos: Tensor, acc: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake result of a compaction: a store of ``capacity`` slots."""
+    b, h, _, d = k.shape
+    return (k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, v.shape[-1]),
+            pos.new_empty(b, h, capacity), acc.new_empty(b, h, capacity))
 
 
 compact = torch.library.custom_op("kvpass::compact", mutates_args=())(compact_reference)
@@ -219,9 +231,7 @@ compact = torch.library.custom_op("kvpass::compact", mutates_args=())(compact_re
 
 @compact.register_fake
 def _(k, v, pos, keep, acc, budget, capacity, window):
-    b, h, _, d = k.shape
-    return (k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, v.shape[-1]),
-            pos.new_empty(b, h, capacity), acc.new_empty(b, h, capacity))
+    return _store_like(k, v, pos, acc, capacity)
 
 
 # Head-adaptive stores (option head_budgets "adaptive", after Ada-KV: Feng et al., "Ada-KV: Optimizing KV Cache
@@ -250,6 +260,13 @@ def slot_heads(pos: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
     if packed:
         return unpack_positions(pos, pos.shape[1])
     return pos, torch.arange(pos.shape[1], device=pos.device).view(1, -1, 1).expand(pos.shape)
+
+
+def tokens_per_head(pos: Tensor, packed: bool) -> Tensor:
+    """``[B, H_kv]`` real tokens each kv head holds in a store with metadata ``pos``."""
+    pos, head = slot_heads(pos, packed)
+    heads = torch.arange(pos.shape[1], device=pos.device)
+    return ((head[..., None] == heads) & (pos >= 0)[..., None]).sum(dim=(1, 2))
 
 
 def extend_packed_meta_reference(
@@ -361,18 +378,11 @@ def compact_packed_reference(
             1, best.indices.reshape(b, -1), best.values.isfinite().float().reshape(b, -1)) > 0
         rank = rank.masked_fill(guarded, float("inf"))
     idx = kept_indices(rank.view(b, 1, m), n_keep).view(b, n_keep)
-    flat = (idx + torch.arange(b, device=k.device).view(b, 1) * m).reshape(-1)
-    k_out = k.reshape(b * m, d).index_select(0, flat).view(b, hkv, per_head, d)
-    v_out = v.reshape(b * m, v.shape[-1]).index_select(0, flat).view(b, hkv, per_head, -1)
-    kept_pos = pack_positions(pos.reshape(b, m).gather(1, idx), head_flat.gather(1, idx), hkv).view(b, hkv, per_head)
-    acc_out = acc.reshape(b, m).gather(1, idx).view(b, hkv, per_head)
-    pad = capacity - per_head
-    if pad > 0:
-        k_out = torch.nn.functional.pad(k_out, (0, 0, 0, pad))
-        v_out = torch.nn.functional.pad(v_out, (0, 0, 0, pad))
-        kept_pos = torch.nn.functional.pad(kept_pos, (0, pad), value=-1)
-        acc_out = torch.nn.functional.pad(acc_out, (0, pad))
-    return k_out, v_out, kept_pos, acc_out
+    kept = (b, hkv, per_head)
+    k_out = gather_slots(k.reshape(b, 1, m, d), idx.view(b, 1, -1)).view(*kept, d)
+    v_out = gather_slots(v.reshape(b, 1, m, v.shape[-1]), idx.view(b, 1, -1)).view(*kept, -1)
+    kept_pos = pack_positions(pos.reshape(b, m).gather(1, idx), head_flat.gather(1, idx), hkv).view(kept)
+    return pad_store(k_out, v_out, kept_pos, acc.reshape(b, m).gather(1, idx).view(kept), capacity)
 
 
 compact_packed = torch.library.custom_op("kvpass::compact_packed", mutates_args=())(compact_packed_reference)
@@ -380,9 +390,7 @@ compact_packed = torch.library.custom_op("kvpass::compact_packed", mutates_args=
 
 @compact_packed.register_fake
 def _(k, v, pos, head, keep, acc, budget, capacity, floor):
-    b, h, _, d = k.shape
-    return (k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, v.shape[-1]),
-            pos.new_empty(b, h, capacity), acc.new_empty(b, h, capacity))
+    return _store_like(k, v, pos, acc, capacity)
 
 
 # op overload → its pure-torch reference; lowering passes these to AOTAutograd as decompositions so

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kvpass.config import KVPassOptions
-from kvpass.ops import pack_positions, slot_heads
+from kvpass.ops import pack_positions, tokens_per_head
 from kvpass.passes import LayerPlan
 
 
@@ -94,8 +94,7 @@ class Session:
         state = self.layers.get(layer)
         if state is None or state.keys.data_ptr() != keys.data_ptr():
             return None
-        pos, head = slot_heads(state.pos, self.options.head_budgets == "adaptive")
-        return torch.bincount(head[pos >= 0], minlength=pos.shape[1]).tolist()
+        return tokens_per_head(state.pos, self.options.head_budgets == "adaptive").sum(dim=0).tolist()
 
 
 _SESSIONS: dict[int, Session] = {}
