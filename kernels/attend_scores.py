@@ -12,6 +12,9 @@ query×key matrix:
    queries (the last ``n_obs``) and sums ``exp(logit - lse)`` over them: the column sums of the
    softmax, i.e. exactly the ``obs`` the policies score with. Only ``n_obs`` rows are recomputed.
 
+A logit soft cap (Gemma-2: ``softcap * tanh(logit / softcap)``) is applied to each logit block before masking,
+in both kernels, so the weights are the reference's.
+
 Masking is the reference's: a key is visible when its slot holds a real token (``pos >= 0``), it is in
 the store or not after the query in the new block, and (sliding window) less than ``window`` positions
 behind the query. A query that sees nothing (padding) attends only to itself.
@@ -38,6 +41,17 @@ CONFIG_SPACE: dict[str, tuple[int, ...]] = {
     "num_warps": (4, 8),
     "num_stages": (2, 3),
 }
+
+
+@triton.jit
+def _logits(dot, qk_scale, cap, HAS_SOFTCAP: tl.constexpr):
+    """Base-2 logits of a q·k block: ``dot * scale * log2(e)``, or with a soft cap
+    ``softcap * tanh(dot * scale / softcap) * log2(e)`` (then ``qk_scale = scale / softcap``,
+    ``cap = softcap * log2(e)``)."""
+    if HAS_SOFTCAP:
+        x = dot * qk_scale
+        return cap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # tanh(x), saturating without inf - inf
+    return dot * qk_scale
 
 
 @triton.jit
@@ -79,10 +93,11 @@ def _attend_fwd(
     # strides
     sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, spn, sob, soh, sot, sod,
     # sizes and scalars
-    H_KV, T, N, D, window, qk_scale,
+    H_KV, T, N, D, window, qk_scale, cap,
     # meta
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -123,7 +138,7 @@ def _attend_fwd(
         if DOT_FP32:
             kt = kt.to(tl.float32)
             vb = vb.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = _logits(tl.dot(q, kt, input_precision=PRECISION), qk_scale, cap, HAS_SOFTCAP)
         s = tl.where(_visible(cols, kpos, qi, q_pos, past, hi, window, HAS_WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -183,9 +198,10 @@ def _attend_combine(
 def _attend_obs(
     Q, K, POS, LSE, OBS,
     sqb, sqh, sqt, sqd, skb, skh, skn, skd, spb, sph, spn,
-    H_KV, T, N, D, n_obs, window, qk_scale,
+    H_KV, T, N, D, n_obs, window, qk_scale, cap,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, OBS_MAX: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """obs[b, hq, key] = sum (or max) over the last n_obs queries of the softmax weight exp2(logit - lse)."""
     pid_n = tl.program_id(0)
@@ -215,7 +231,7 @@ def _attend_obs(
             q = q.to(tl.float32)
         lse = tl.load(LSE + pid_bh * T + qi, mask=row_ok, other=0.0)
         q_pos = tl.load(POS + b * spb + hkv * sph + (past + qi) * spn, mask=row_ok, other=-1)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = _logits(tl.dot(q, kt, input_precision=PRECISION), qk_scale, cap, HAS_SOFTCAP)
         empty = lse == float("-inf")
         ok = _visible(cols, kpos, qi, q_pos, past, N, window, HAS_WINDOW) & row_ok[:, None]
         p = tl.where(ok, tl.exp2(tl.minimum(s - tl.where(empty, 0.0, lse)[:, None], 0.0)), 0.0)
@@ -320,12 +336,13 @@ def _output(buf: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.d
 def attend_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, scale: float, n_obs: int,
     window: int = 0, *, config: dict[str, int] | None = None, wrap: Callable | None = None,
-    out: torch.Tensor | None = None, obs: torch.Tensor | None = None, obs_reduce: str = "sum",
+    out: torch.Tensor | None = None, obs: torch.Tensor | None = None, obs_reduce: str = "sum", softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kvpass::attend`` with the policy resolved to ``n_obs`` (observed trailing queries).
 
     Returns ``(out [B,H_q,T,D] in q's dtype, obs [B,H_q,N] float32)`` (``obs`` is ``[B,H_q,0]`` when
-    ``n_obs == 0``); ``obs_reduce``: ``"sum"`` or ``"max"`` of the weights over the observed queries.
+    ``n_obs == 0``); ``obs_reduce``: ``"sum"`` or ``"max"`` of the weights over the observed queries;
+    ``softcap``: logits soft-capped to ``softcap * tanh(logit / softcap)`` (0: none).
     ``config``: launch config (default: the tune cache, else :func:`default_config`);
     ``wrap``: applied to each kernel before launch (``torch.library.wrap_triton`` inside a ``triton_op``);
     ``out``/``obs``: preallocated contiguous outputs to write into (e.g. static buffers of a CUDA graph).
@@ -333,6 +350,8 @@ def attend_scores(
     _check(q, k, v, pos, n_obs, window)
     if obs_reduce not in ("sum", "max"):
         raise ValueError(f"kvpass.kernels.attend_scores: obs_reduce must be 'sum' or 'max', got {obs_reduce!r}")
+    if not softcap >= 0:
+        raise ValueError(f"kvpass.kernels.attend_scores: softcap must be >= 0 (0: none), got {softcap!r}")
     b, hq, t, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -344,7 +363,9 @@ def attend_scores(
     interp = tuning.interpreting()
     dot_fp32 = interp or q.dtype == torch.float32
     precision = "ieee" if dot_fp32 else "tf32"
-    qk_scale = float(scale) * LOG2E
+    has_softcap = softcap > 0
+    qk_scale = float(scale) / softcap if has_softcap else float(scale) * LOG2E
+    cap = float(softcap) * LOG2E
     has_window = window > 0
     wrap = wrap or (lambda fn: fn)
 
@@ -360,9 +381,9 @@ def attend_scores(
         part_o = part_m = part_l = lse  # unused
     strides = (*q.stride(), *k.stride(), *v.stride(), *pos.stride(), *out.stride())
     wrap(_attend_fwd)[(m_blocks, b * hkv, splits)](
-        q, k, v, pos, out, lse, part_o, part_m, part_l, *strides, hkv, t, n, d, window, qk_scale,
+        q, k, v, pos, out, lse, part_o, part_m, part_l, *strides, hkv, t, n, d, window, qk_scale, cap,
         GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SPLITS=splits, HAS_WINDOW=has_window,
-        DOT_FP32=dot_fp32, PRECISION=precision, **launch)
+        DOT_FP32=dot_fp32, PRECISION=precision, HAS_SOFTCAP=has_softcap, **launch)
     if splits > 1:
         wrap(_attend_combine)[(m_blocks, b * hkv)](
             part_o, part_m, part_l, v, out, lse, *v.stride(), *out.stride(), hkv, t, n, d,
@@ -372,9 +393,9 @@ def attend_scores(
     obs = _output(obs, (b, hq, n), torch.float32, q.device, "obs")
     obs_bm = min(bm, max(16, triton.next_power_of_2(n_obs)))
     wrap(_attend_obs)[(triton.cdiv(n, bn), b * hq)](
-        q, k, pos, lse, obs, *q.stride(), *k.stride(), *pos.stride(), hkv, t, n, d, n_obs, window, qk_scale,
+        q, k, pos, lse, obs, *q.stride(), *k.stride(), *pos.stride(), hkv, t, n, d, n_obs, window, qk_scale, cap,
         GROUP=group, BLOCK_M=obs_bm, BLOCK_N=bn, BLOCK_D=block_d, HAS_WINDOW=has_window,
-        DOT_FP32=dot_fp32, PRECISION=precision, OBS_MAX=obs_reduce == "max", **launch)
+        DOT_FP32=dot_fp32, PRECISION=precision, OBS_MAX=obs_reduce == "max", HAS_SOFTCAP=has_softcap, **launch)
     return out, obs
 
 

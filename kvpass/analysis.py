@@ -1,8 +1,8 @@
 """Find attention sites and the KV-cache writes that feed them in an FX graph.
 
 Works on Dynamo graphs (torch functions / Tensor methods) and on torch.export graphs (ATen ops).
-A site is ``scaled_dot_product_attention`` or an eager ``matmul → (scale) → (+mask) → softmax →
-matmul``; its keys and values are followed back through layout ops (GQA ``repeat_kv`` expands,
+A site is ``scaled_dot_product_attention`` or an eager ``matmul → (scale) → (soft cap) → (+mask) →
+softmax → matmul``; its keys and values are followed back through layout ops (GQA ``repeat_kv`` expands,
 reshapes, transposes) to the tensor the model writes into its cache:
 
 * ``cat([past, new], dim=-2)`` — DynamicCache; ``past`` is a graph input (decode) or an empty
@@ -15,6 +15,7 @@ reshapes, transposes) to the tensor the model writes into its cache:
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
@@ -45,9 +46,12 @@ LAYOUT_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.repe
                     aten.transpose.int, aten.slice.Tensor, aten.contiguous.default,
                     aten.repeat_interleave.self_int, aten._to_copy.default, aten.alias.default}
 # Eager attention: between the score matmul and softmax (scale, mask, cast) and after softmax.
-PRE_SOFTMAX = {operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add,
-               aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor}
-POST_SOFTMAX_METHODS = {"to", "type_as", "float"}
+MUL_TARGETS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Scalar}
+DIV_TARGETS = {operator.truediv, operator.itruediv, torch.div, aten.div.Tensor, aten.div.Scalar}
+ADD_TARGETS = {operator.add, operator.iadd, torch.add, aten.add.Tensor}
+PRE_SOFTMAX = MUL_TARGETS | DIV_TARGETS | ADD_TARGETS
+TANH_TARGETS = {torch.tanh, aten.tanh.default}
+POST_SOFTMAX_METHODS = {"to", "type_as", "float", "type"}
 POST_SOFTMAX_FUNCTIONS = {torch.nn.functional.dropout, aten.dropout.default, aten._to_copy.default,
                           aten.clone.default}
 
@@ -68,6 +72,7 @@ class AttentionSite:
     mask: fx.Node | None
     scale: float
     window: int = 0           # sliding-window length of the layer (0: full attention)
+    softcap: float = 0.0      # logits soft-capped to ``softcap * tanh(logits / softcap)`` (Gemma-2); 0: none
     layer: int = -1
     # StaticCache: the in-place ``index_copy_`` writes of new keys and values into the buffers ``keys`` and
     # ``values`` (which are then also ``key_write``/``value_write``); None for a DynamicCache
@@ -170,21 +175,55 @@ def _scale_of(node: fx.Node, default: float) -> float:
     while node.op == "call_function" and node.target in PRE_SOFTMAX:
         a, b = node.args[0], node.args[1]
         const = constant_float(b) if constant_float(b) is not None else constant_float(a)
-        if const is not None and node.target in (operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar):
+        if const is not None and node.target in MUL_TARGETS:
             scale = float(const)
-        elif const is not None and node.target in (operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar):
+        elif const is not None and node.target in DIV_TARGETS:
             scale = 1.0 / float(const)
         node = a if isinstance(a, fx.Node) and a.op != "placeholder" else b
     return scale
 
 
-def _eager_site(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node | None, float] | None:
-    """Match matmul → scale → (+mask) → softmax → (cast/dropout) → matmul; return its parts."""
-    node, mask = softmax.args[0], None
+def _softcap_of(node: fx.Node) -> tuple[float, fx.Node] | None:
+    """``(c, x)`` when ``node`` is ``tanh(x / c) * c`` (Gemma-2's logit soft cap, also as ``x * (1/c)``)."""
+    if not (node.op == "call_function" and node.target in MUL_TARGETS):
+        return None
+    a, b = node.args[0], node.args[1]
+    tanh, cap = (a, constant_float(b)) if isinstance(a, fx.Node) else (b, constant_float(a))
+    if cap is None or not (isinstance(tanh, fx.Node) and tanh.op == "call_function" and tanh.target in TANH_TARGETS):
+        return None
+    inner = tanh.args[0]
+    if not (isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target in MUL_TARGETS | DIV_TARGETS):
+        return None
+    divisor = constant_float(inner.args[1])
+    if divisor is None or divisor == 0:
+        return None
+    inverse = divisor if inner.target in DIV_TARGETS else 1.0 / divisor
+    if not math.isclose(inverse, cap, rel_tol=1e-6):
+        return None
+    return cap, inner.args[0]
+
+
+def _eager_site(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node | None, float, float] | None:
+    """Match matmul → scale → (soft cap) → (+mask) → softmax → (cast/dropout) → matmul; return its parts."""
+    node, mask, softcap = softmax.args[0], None, 0.0
     logits_chain = node
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in PRE_SOFTMAX:
-        if node.target in (operator.add, torch.add, aten.add.Tensor):
-            mask = node.args[1] if isinstance(node.args[1], fx.Node) else mask
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        capped = _softcap_of(node) if not softcap else None
+        if capped is not None:
+            softcap, node = capped
+            logits_chain = node  # the scale sits below the cap
+            continue
+        if node.target not in PRE_SOFTMAX:
+            break
+        if node.target in ADD_TARGETS and isinstance(node.args[1], fx.Node):
+            if mask is not None:  # kvpass rebuilds the mask from slot positions; any other bias would be lost
+                raise UnsupportedGraph(
+                    f"kvpass: attention logits at '{softmax.name}' get two additive terms before softmax "
+                    f"('{node.args[1].name}' and '{mask.name}'): a position bias such as ALiBi besides the mask. "
+                    "kvpass supports rotary-position models (it keeps each token's rotated key), not additive "
+                    "position biases"
+                )
+            mask = node.args[1]
         node = node.args[0]
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in MATMUL_TARGETS):
         return None
@@ -205,17 +244,17 @@ def _eager_site(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, f
     pv = users[0]
     head_dim = node_value(q).shape[-1] if node_value(q) is not None else None
     scale = _scale_of(logits_chain, head_dim**-0.5 if head_dim else 1.0)
-    return pv, q, k_t, pv.args[1], mask, scale
+    return pv, q, k_t, pv.args[1], mask, scale, softcap
 
 
-def _static_site(kind, attn, q, k_buf, v_buf, k_write, v_write, mask, scale) -> AttentionSite:
+def _static_site(kind, attn, q, k_buf, v_buf, k_write, v_write, mask, scale, softcap) -> AttentionSite:
     """A site reading StaticCache buffers: the buffers are the store (graph inputs, or allocated by a first forward)."""
     shapes = {tuple(node_value(n).shape) for n in (k_buf, v_buf)} if node_value(k_buf) is not None else set()
     if len(shapes) > 1:
         raise UnsupportedGraph(f"kvpass: StaticCache keys and values of '{attn.name}' differ in shape: {shapes}")
     past_k, past_v = (n if n.op == "placeholder" else None for n in (k_buf, v_buf))
     return AttentionSite(kind, attn, q, k_buf, v_buf, k_buf, v_buf, past_k, past_v, mask, scale,
-                         static_writes=(k_write, v_write))
+                         softcap=softcap, static_writes=(k_write, v_write))
 
 
 def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
@@ -238,20 +277,29 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
             if scale is not None and constant_float(scale) is None:
                 raise UnsupportedGraph(f"kvpass: attention '{node.name}' has a scale that is not a constant: {scale}")
             parts = ("sdpa", node, q, k, v, mask, head_dim**-0.5 if scale is None else constant_float(scale))
+            softcap = 0.0
         elif node.target in SOFTMAX_TARGETS:
             matched = _eager_site(node)
             if matched is None:
                 continue
-            pv, q, k_t, v, mask, scale = matched
+            pv, q, k_t, v, mask, scale, softcap = matched
             parts = ("eager", pv, q, k_t, v, mask, scale)
         else:
             continue
         found_attention += 1
         kind, attn, q, k, v, mask, scale = parts
+        mask_value = node_value(mask) if isinstance(mask, fx.Node) else None
+        if mask_value is not None and mask_value.dim() == 4 and mask_value.shape[1] > 1:
+            raise UnsupportedGraph(
+                f"kvpass: the mask of attention '{attn.name}' has one row per head (shape "
+                f"{tuple(mask_value.shape)}): it carries a position bias such as ALiBi, which kvpass would drop when "
+                "it rebuilds the mask from slot positions. kvpass supports rotary-position models, whose keys are "
+                "cached after rotation"
+            )
         k_src, v_src = trace_to_source(k), trace_to_source(v)
         static_k, static_v = _static_write(k_src), _static_write(v_src)
         if static_k is not None and static_v is not None:
-            sites.append(_static_site(kind, attn, q, k_src, v_src, static_k, static_v, mask, scale))
+            sites.append(_static_site(kind, attn, q, k_src, v_src, static_k, static_v, mask, scale, softcap))
             continue
         for src in (k_src, v_src):
             if _is_index_copy(src) or any(_is_index_copy(u) for u in src.users):
@@ -274,7 +322,8 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
             )
         if not (k_is_cache or k_src.op != "placeholder"):
             raise UnsupportedGraph(f"kvpass: attention at '{attn.name}' reads keys straight from an input")
-        site = AttentionSite(kind, attn, q, k_src, v_src, k_write, v_write, past_k, past_v, mask, scale, window)
+        site = AttentionSite(kind, attn, q, k_src, v_src, k_write, v_write, past_k, past_v, mask, scale, window,
+                             softcap)
         sites.append(site)
     for i, site in enumerate(sites):  # graph order is layer order, in prefill and decode graphs alike
         site.layer = i

@@ -71,13 +71,19 @@ def attention_mask(pos: Tensor, n_new: int, rows: slice, window: int = 0) -> Ten
     return allowed | (own & ~allowed.any(dim=-1, keepdim=True))
 
 
+def soft_capped(logits: Tensor, softcap: float) -> Tensor:
+    """Gemma-2's logit soft cap ``softcap * tanh(logits / softcap)``; ``softcap == 0``: the logits unchanged."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 def attend_reference(
-    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, policy: str, window: int
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, policy: str, window: int, softcap: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``T`` new queries over ``N`` candidate slots, plus the weights policies score with.
 
     q: ``[B, H_q, T, D]``; k/v: ``[B, H_kv, N, D]`` (GQA when ``H_q > H_kv``); pos as in the module doc;
-    window: sliding-window length of the layer, 0 for full attention.
+    window: sliding-window length of the layer, 0 for full attention; softcap: the logits become
+    ``softcap * tanh(logits / softcap)`` before masking (Gemma-2), 0 for none.
     Returns ``(out [B, H_q, T, D], obs [B, H_q, N])`` where ``obs`` is the float32 softmax weights of the
     last ``policy.n_obs(T)`` queries summed (or, for a policy with ``obs_reduce == "max"``, maximized) over
     those queries (``[B, H_q, 0]`` if the policy reads none).
@@ -96,7 +102,9 @@ def attend_reference(
     # chunks never straddle first_obs: only observed queries take the explicit-weights path
     rows = max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // (group * n))) if isinstance(n, int) else _QUERY_CHUNK
     bounds = [*range(0, first_obs, rows), *range(first_obs, t, rows), t]
-    if n == t and window == 0 and first_obs > 0 and not torch.compiler.is_compiling() and bool((pos >= 0).all()):
+    if n == t and window == 0 and not softcap and first_obs > 0 and not torch.compiler.is_compiling() and bool(
+        (pos >= 0).all()
+    ):
         # a prefill with no padding is plain causal attention: one fused SDPA call for the unobserved
         # queries (HF's own kernel) instead of masked chunks
         head = torch.nn.functional.scaled_dot_product_attention(
@@ -109,17 +117,15 @@ def attend_reference(
         r = rows.stop - rows.start
         mask = attention_mask(pos, t, rows, window)[:, :, None].expand(b, hkv, group, r, n).reshape(b, hkv, -1, n)
         qc = qg[:, :, :, rows].reshape(b, hkv, group * r, d)
-        if rows.stop <= first_obs:
+        if rows.stop <= first_obs and not softcap:
             chunk = torch.nn.functional.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale)
         else:
-            logits = (qc.float() @ k.float().transpose(-1, -2)) * scale
+            logits = soft_capped((qc.float() @ k.float().transpose(-1, -2)) * scale, softcap)
             weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             chunk = (weights.to(v.dtype) @ v).to(q.dtype)
-            observed = weights.view(b, hkv, group, r, n)[:, :, :, max(first_obs - start, 0) :]
-            if rule.obs_reduce == "max":
-                obs = torch.maximum(obs, observed.amax(dim=3))
-            else:
-                obs = obs + observed.sum(dim=3)
+            if rows.stop > first_obs:  # (with a soft cap unobserved chunks take this path too)
+                observed = weights.view(b, hkv, group, r, n)[:, :, :, max(first_obs - start, 0) :]
+                obs = torch.maximum(obs, observed.amax(dim=3)) if rule.obs_reduce == "max" else obs + observed.sum(3)
         chunks.append(chunk.view(b, hkv, group, r, -1))
     out = torch.cat(chunks, dim=3) if len(chunks) > 1 else chunks[0]
     return out.reshape(b, hq, t, d), obs.view(b, hq, -1)
@@ -129,7 +135,7 @@ attend = torch.library.custom_op("kvpass::attend", mutates_args=())(attend_refer
 
 
 @attend.register_fake
-def _(q, k, v, pos, scale, policy, window):
+def _(q, k, v, pos, scale, policy, window, softcap=0.0):
     b, hq = q.shape[:2]
     n = k.shape[2] if policy_from_spec(policy).needs_obs else 0
     return q.new_empty(q.shape), q.new_empty(b, hq, n, dtype=torch.float32)  # contiguous, like the reference
@@ -294,7 +300,7 @@ def _(pos, acc, seen, new_valid):
 
 
 def attend_packed_reference(
-    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, head: Tensor, scale: float, policy: str
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, head: Tensor, scale: float, policy: str, softcap: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """:func:`attend_reference` over packed candidates: kv head ``g`` attends to the slots whose ``head`` is ``g``.
 
@@ -328,7 +334,7 @@ def attend_packed_reference(
         allowed = allowed | (own & ~allowed.any(dim=-1, keepdim=True))  # a padding query sees itself
         mask = allowed[:, :, None].expand(b, hkv, group, r, m).reshape(b, hkv, group * r, m)
         qc = qg[:, :, :, start:stop].reshape(b, hkv, group * r, d)
-        logits = (qc.float() @ k_flat.float().transpose(-1, -2)) * scale
+        logits = soft_capped((qc.float() @ k_flat.float().transpose(-1, -2)) * scale, softcap)
         weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         chunks.append((weights.to(v.dtype) @ v_flat).to(q.dtype).view(b, hkv, group, r, -1))
         if stop > first_obs:
@@ -347,7 +353,7 @@ attend_packed = torch.library.custom_op("kvpass::attend_packed", mutates_args=()
 
 
 @attend_packed.register_fake
-def _(q, k, v, pos, head, scale, policy):
+def _(q, k, v, pos, head, scale, policy, softcap=0.0):
     b, hq = q.shape[:2]
     n = k.shape[2] if policy_from_spec(policy).needs_obs else 0
     return q.new_empty(q.shape), q.new_empty(b, hq, n, dtype=torch.float32)

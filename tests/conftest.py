@@ -10,11 +10,24 @@ def tiny_config(arch: str = "llama", attn: str = "sdpa", layers: int = 2, **over
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),  # sliding + full layers
+        # further decoders whose attention code differs: q/k norms, fused qkv, partial rotary, parallel blocks,
+        # interleaved rotary, MoE, multi-query, no rotary (learned positions), attention multipliers, soft caps
+        **{name: (getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}{head}"))
+           for name, prefix, head in [
+               ("qwen3", "Qwen3", "ForCausalLM"), ("phi3", "Phi3", "ForCausalLM"), ("gemma", "Gemma", "ForCausalLM"),
+               ("olmo2", "Olmo2", "ForCausalLM"), ("gpt_neox", "GPTNeoX", "ForCausalLM"), ("phi", "Phi", "ForCausalLM"),
+               ("stablelm", "StableLm", "ForCausalLM"), ("cohere", "Cohere", "ForCausalLM"),
+               ("starcoder2", "Starcoder2", "ForCausalLM"), ("mixtral", "Mixtral", "ForCausalLM"),
+               ("granite", "Granite", "ForCausalLM"), ("falcon", "Falcon", "ForCausalLM"),
+               ("gpt2", "GPT2", "LMHeadModel"),
+               ("gpt_bigcode", "GPTBigCode", "ForCausalLM"), ("gemma2", "Gemma2", "ForCausalLM")]},
     }
     config_cls, model_cls = classes[arch]
     settings = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                     attn_implementation=attn)
+    if arch not in ("llama", "qwen2", "mistral", "gemma3"):  # their default token ids lie outside the tiny vocabulary
+        settings.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = config_cls(**{**settings, **overrides})
     return cfg, model_cls
 

@@ -54,6 +54,57 @@ def test_budget_covering_the_sequence_is_exact(arch, attn, batch, policy):
     assert report.graphs[1]["counters"]["decode_sites"] == 2
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma", "olmo2", "gpt_neox", "phi", "stablelm", "cohere",
+                                  "starcoder2", "mixtral", "granite", "falcon", "gpt2", "gpt_bigcode"])
+def test_more_hf_decoders_are_exact(arch, attn):
+    """The rewrite is not tied to Llama's code: each of these decoders writes its cache and attends its own way."""
+    model = tiny_model(arch, attn)
+    ids, mask = padded_batch()
+    ref = generate(model, ids, mask)
+    model.forward = compiled(model, policy="h2o", budget=64)
+    out = generate(model, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert [g["counters"]["decode_sites" if g["kind"] == "decode" else "prefill_sites"]
+            for g in kvpass.explain().graphs] == [2, 2]
+
+
+def test_gemma2_soft_capped_eager_attention_is_exact_and_compresses():
+    # Gemma-2: logits soft-capped (tanh) before the mask; a cap of 1.0 on logits of size ~3 changes the result,
+    # so dropping the cap fails. Layers alternate sliding-window (kept by HF) and full attention.
+    overrides = dict(layers=4, head_dim=16, sliding_window=16, attn_logit_softcapping=1.0, query_pre_attn_scalar=1,
+                     initializer_range=0.3)
+    model = tiny_model("gemma2", "eager", **overrides)
+    ids, mask = padded_batch(length=40)
+    ref = generate(model, ids, mask, steps=12)
+    uncapped = tiny_model("gemma2", "eager", **{**overrides, "attn_logit_softcapping": None})
+    assert not torch.allclose(generate(uncapped, ids, mask, steps=1).logits[0], ref.logits[0], atol=1e-2)
+    model.forward = compiled(model, policy="snapkv", budget=64, window=4)
+    out = generate(model, ids, mask, steps=12)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert kvpass.explain().graphs[0]["counters"]["prefill_sites"] == 2
+    torch._dynamo.reset()
+    model.forward = compiled(model, policy="h2o", budget=24)
+    out = generate(model, ids, mask, steps=20)
+    assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [15, 24, 15, 24]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_alibi_position_bias_is_refused_by_name(attn):
+    # ALiBi adds a per-head bias to the logits, through the SDPA mask or a second add; kvpass rebuilds masks from
+    # slot positions, so it would drop the bias: refused, never a silently different model
+    config = transformers.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       alibi=True, attn_implementation=attn)
+    model = transformers.FalconForCausalLM(config).eval()
+    forward = compiled(model, policy="h2o", budget=64)
+    with pytest.raises(Exception, match="ALiBi"):
+        forward(input_ids=torch.randint(1, 128, (1, 10)), use_cache=True)
+
+
 def gemma3_style(attn: str):
     """Sliding-window layers (window 16) interleaved with full-attention layers, as in Gemma-3."""
     return tiny_model("gemma3", attn, layers=4, head_dim=16, sliding_window=16,

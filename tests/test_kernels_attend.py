@@ -17,7 +17,8 @@ POLICIES = {"h2o": {}, "snapkv": {"window": 4}, "tova": {}, "streaming_llm": {},
 
 
 def run_case(seed: int, b: int, hkv: int, group: int, t: int, c: int, d: int, dtype: torch.dtype, policy: str,
-             window: int, config: dict | None = None, p_dead: float = 0.2, p_pad: float = 0.2) -> None:
+             window: int, config: dict | None = None, p_dead: float = 0.2, p_pad: float = 0.2,
+             softcap: float = 0.0) -> None:
     gen = torch.Generator().manual_seed(seed)
     n = c + t
     q = torch.randn(b, hkv * group, t, d, generator=gen).to(dtype)
@@ -26,13 +27,13 @@ def run_case(seed: int, b: int, hkv: int, group: int, t: int, c: int, d: int, dt
     pos = kh.random_pos(gen, b, hkv, c, t, p_dead, p_pad)
     rule = make_policy(policy, **POLICIES[policy])
     n_obs = rule.n_obs(t) if rule.needs_obs else 0
-    scale = d**-0.5
+    scale = d**-0.5 if not softcap else 1.0
     # poisoned outputs: an element the kernels fail to write stays NaN and fails the comparison
     out = torch.full(q.shape, float("nan"), dtype=dtype)
     obs = torch.full((b, hkv * group, n), float("nan")) if n_obs else None
     got_out, got_obs = A.attend_scores(q, k, v, pos, scale, n_obs, window, config=config, out=out, obs=obs,
-                                       obs_reduce=getattr(rule, "obs_reduce", "sum"))
-    ref_out, ref_obs = attend_reference(q, k, v, pos, scale, rule.spec(), window)
+                                       obs_reduce=getattr(rule, "obs_reduce", "sum"), softcap=softcap)
+    ref_out, ref_obs = attend_reference(q, k, v, pos, scale, rule.spec(), window, softcap)
     assert got_out.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got_out.float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
     assert got_obs.shape == ref_obs.shape and got_obs.dtype == torch.float32
@@ -59,6 +60,16 @@ SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "SPLITS": 1, "num_warps": 4, "num_stages"
 def test_attend_matches_reference(b, hkv, group, t, c, d, dtype, policy, window, config):
     for seed in range(2):  # fresh random inputs per case
         run_case(seed, b, hkv, group, t, c, d, dtype, policy, window, config)
+
+
+@pytest.mark.parametrize(("t", "c", "dtype", "config"), [
+    (9, 23, torch.float32, SMALL),  # block over a store: the forward and the observed-weights kernel
+    (1, 60, torch.float16, SPLIT),  # decode, split-K
+])
+def test_attend_with_a_logit_soft_cap_matches_reference(t, c, dtype, config):
+    # cap 0.5 on logits of size ~4 (scale 1 with D 16): the tanh saturates, so a kernel without the cap fails
+    for seed in range(2):
+        run_case(seed, 2, 2, 2, t, c, 16, dtype, "h2o", 0, config, softcap=0.5)
 
 
 def test_queries_that_see_nothing_attend_to_themselves():

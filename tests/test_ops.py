@@ -70,6 +70,23 @@ def test_attend_sliding_window():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("policy", [H2O(), Knorm()])  # weights read by the policy, or not (SDPA path otherwise)
+def test_attend_soft_caps_logits_like_gemma2(policy):
+    # store of 4 slots (one empty) + 5 new tokens; logits soft-capped at 0.7 (saturating: scale 1, D 8)
+    q, k, v = _rand(5, 9)
+    pos = torch.tensor([0, -1, 1, 2, 3, 4, 5, 6, 7]).expand(B, HKV, 9).contiguous()
+    out, obs = ops.attend(q, k, v, pos, 1.0, policy.spec(), 0, 0.7)
+    logits = q @ k.repeat_interleave(2, 1).transpose(-1, -2)
+    capped = 0.7 * torch.tanh(logits / 0.7)
+    visible = (pos[:, :1, None, :] >= 0) & torch.ones(5, 9, dtype=torch.bool).tril(4)
+    weights = capped.masked_fill(~visible, float("-inf")).softmax(-1)
+    torch.testing.assert_close(out, weights @ v.repeat_interleave(2, 1), atol=1e-5, rtol=1e-5)
+    uncapped, _ = ops.attend(q, k, v, pos, 1.0, policy.spec(), 0)
+    assert not torch.allclose(out, uncapped, atol=1e-2)
+    if policy.needs_obs:
+        torch.testing.assert_close(obs, weights.sum(2), atol=1e-5, rtol=1e-5)
+
+
 def test_attend_long_prompt_chunks_agree():
     # more queries than one reference chunk, with every query observed (H2O)
     t = ops._QUERY_CHUNK + 37
@@ -125,11 +142,12 @@ def test_packed_positions_round_trip_and_extend_gives_new_tokens_their_row_head(
     assert seen.tolist() == [10, 10] and acc_all.shape == (B, HKV, 8)
 
 
-@pytest.mark.parametrize("policy", [SnapKV(window=2), H2O(), EpiCache(window=2)])
-def test_attend_packed_is_each_heads_attention_over_its_own_slots(policy):
+@pytest.mark.parametrize("policy, softcap", [(SnapKV(window=2), 0.0), (H2O(), 0.0), (EpiCache(window=2), 0.0),
+                                             (H2O(), 0.2)])
+def test_attend_packed_is_each_heads_attention_over_its_own_slots(policy, softcap):
     pos, head, _, _ = _packed_candidates()
     q, k, v = _rand(3, 8)
-    out, obs = ops.attend_packed(q, k, v, pos, head, D**-0.5, policy.spec())
+    out, obs = ops.attend_packed(q, k, v, pos, head, D**-0.5, policy.spec(), softcap)
     n_obs = policy.n_obs(3)
     group = HQ // HKV
     expected_obs = torch.zeros(B, HQ, 8)
@@ -142,7 +160,8 @@ def test_attend_packed_is_each_heads_attention_over_its_own_slots(policy):
             new = torch.tensor([j - 5 if j >= 5 else -1 for _, j in slots])
             for i in range(3):
                 seen = new <= i  # store slots (-1) and new tokens up to query i
-                w = ((keys[seen] @ q[b, h, i]) * D**-0.5).softmax(-1)
+                logits = (keys[seen] @ q[b, h, i]) * D**-0.5
+                w = (softcap * torch.tanh(logits / softcap) if softcap else logits).softmax(-1)
                 torch.testing.assert_close(out[b, h, i], w @ vals[seen], atol=1e-5, rtol=1e-5)
                 if i >= 3 - n_obs:  # obs in candidate layout: entry (r * group + h % group, j) is slot (r, j)
                     for (r, j), weight in zip([s for s, x in zip(slots, seen, strict=True) if x], w, strict=True):
@@ -202,11 +221,16 @@ def test_compact_packed_keeps_the_global_top_with_a_floor_per_head():
                   torch.full((B,), 5, dtype=torch.int64), torch.ones(B, 2, dtype=torch.bool))),
         (torch.ops.kvpass.attend_packed.default,
          lambda: (*_rand(3, 8), *_packed_candidates()[:2], 0.3, SnapKV(window=2).spec())),
+        (torch.ops.kvpass.attend.default,
+         lambda: (*_rand(4, 6), torch.arange(6).expand(B, HKV, 6).contiguous(), 0.3, H2O().spec(), 0, 2.0)),
+        (torch.ops.kvpass.attend_packed.default,
+         lambda: (*_rand(3, 8), *_packed_candidates()[:2], 0.3, SnapKV(window=2).spec(), 2.0)),
         (torch.ops.kvpass.compact_packed.default,
          lambda: (torch.randn(B, HKV, 8, D), torch.randn(B, HKV, 8, D), *_packed_candidates()[:2],
                   torch.rand(B, HKV, 8), torch.rand(B, HKV, 8), 4, 5, 0.25)),
     ],
-    ids=["extend_meta", "attend", "score", "compact", "extend_packed_meta", "attend_packed", "compact_packed"],
+    ids=["extend_meta", "attend", "score", "compact", "extend_packed_meta", "attend_packed", "attend_softcap",
+         "attend_packed_softcap", "compact_packed"],
 )
 def test_opcheck(op, args):
     torch.library.opcheck(op, args(), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

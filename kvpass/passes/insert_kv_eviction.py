@@ -41,8 +41,8 @@ class InsertKVEviction:
     says so where that window exceeds the layer's budget.
 
     Ensures: every other site's attention output comes from ``kvpass::attend`` (masking padding and empty
-    slots itself, RoPE untouched since keys are cached after rotation); every cache write that was
-    ``cat(past, new)`` is replaced, *as a graph output only*, by the compacted store of exactly
+    slots itself, RoPE untouched since keys are cached after rotation, a logit soft cap applied); every cache
+    write that was ``cat(past, new)`` is replaced, *as a graph output only*, by the compacted store of exactly
     ``budget`` slots; per layer the graph takes (decode) and returns the store metadata
     ``pos [B,H_kv,budget]``, ``acc [B,H_kv,budget]``, ``seen [B]`` as extra trailing inputs/outputs,
     in layer order. ``counters`` counts rewritten sites by kind.
@@ -174,12 +174,13 @@ class InsertKVEviction:
             else:
                 meta = g(torch.ops.kvpass.extend_meta.default, (pos, acc, seen, new_valid))
                 pos_all, acc_all, seen_all = (g(operator.getitem, (meta, i)) for i in range(3))
+            softcap = (site.softcap,) if site.softcap else ()
             if packed and is_decode:
                 attended = g(torch.ops.kvpass.attend_packed.default,
-                             (site.q, keys, values, pos_all, head_all, site.scale, spec))
+                             (site.q, keys, values, pos_all, head_all, site.scale, spec, *softcap))
             else:  # (a prefill's candidates are its own tokens: row r is head r, packed or not)
                 attended = g(torch.ops.kvpass.attend.default,
-                             (site.q, keys, values, pos_all, site.scale, spec, site.window))
+                             (site.q, keys, values, pos_all, site.scale, spec, site.window, *softcap))
             out, obs = (g(operator.getitem, (attended, i)) for i in range(2))
             if block is not None:  # observation tokens: scored from, never kept, not part of the sequence
                 observed = g(torch.nn.functional.pad, (block.observe, (capacity, 0)), {"value": False})
@@ -281,9 +282,11 @@ class InsertKVEviction:
         prompt = 0 if is_decode else n_new
         budgets = [opts.budget_for(i, n_layers, prompt) for i in range(n_layers)]
         budget = budgets[site.layer]
-        # With a padding mask, HF builds one 4D mask sized by layer 0's cache for every layer, so all
-        # stores need the same capacity; without one, each layer's store holds exactly its budget.
-        capacity = max(budgets) if site.mask is not None else budget
+        # With a mask over the keys (padding, eager attention), HF builds one 4D mask sized by the first layer's
+        # cache for every layer, so all stores need the same capacity; without one (or with kvpass.CompressedCache's
+        # one-column mask over stores of different lengths) each layer's store holds exactly its budget.
+        spans_keys = site.mask is not None and node_value(site.mask).shape[-1] != 1
+        capacity = max(budgets) if spans_keys else budget
         return budget, capacity
 
     def _static_budget(self, site: AttentionSite, n_layers: int) -> tuple[int, int]:
