@@ -16,7 +16,8 @@ from kvpass.policies import POLICIES
 from kvpass.report import explain, kv_stats
 
 __version__ = "0.1.0"
-__all__ = ["POLICIES", "KVPassOptions", "UnsupportedGraph", "explain", "export", "kv_stats", "load", "parse_options"]
+__all__ = ["POLICIES", "CompressedCache", "KVPassOptions", "UnsupportedGraph", "explain", "export", "kv_stats", "load",
+           "parse_options"]
 
 
 def export(model: Any, out: str | os.PathLike, **kwargs: Any) -> Path:
@@ -31,3 +32,11 @@ def load(path: str | os.PathLike) -> Any:
     from kvpass.lowering.export import load as _load
 
     return _load(path)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CompressedCache":  # imported on first use: it subclasses transformers' DynamicCache
+        from kvpass.cache import CompressedCache
+
+        return CompressedCache
+    raise AttributeError(f"module 'kvpass' has no attribute {name!r}")

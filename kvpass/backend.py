@@ -75,9 +75,18 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
     if not decode:
         session.prefill_budgets = {p.layer: (p.budget, p.capacity) for p in plans}
     session.graphs.append(GraphRecord.of("decode" if decode else "prefill", sites, plans, rewrite.counters))
+    appended = node_value(sites[0].q).shape[2]
+    # a multi-token forward over stores (a chat turn) is where a caller can lose count of a compressed cache's tokens
+    continues = next((i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if "position_ids" in n.name), None)
+    first_store = next((p for p in plans if p.past_index is not None), None)
+    if not decode or first_store is None or first_store.static or appended == 1:
+        continues = None
 
     def run(*args):
-        outs = compiled(*args, *session.state_inputs(plans, args))
+        state = session.state_inputs(plans, args)
+        if continues is not None:
+            check_continuation(args[continues], state[2], args[first_store.past_index].shape[2])
+        outs = compiled(*args, *state)
         stores = {layer: outs[k] for layer, k in key_output_index.items()}
         # a StaticCache's buffers were written in place: the store is the input
         stores.update({p.layer: args[p.past_index] for p in plans if p.layer not in stores})
@@ -85,6 +94,26 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
         return outs[:n_outputs]
 
     return run
+
+
+def check_continuation(positions: torch.Tensor, seen: torch.Tensor, slots: int) -> None:
+    """New tokens appended to kvpass stores must continue where the sequence stopped: the first new token of each row
+    sits at position ``seen`` (the row's tokens so far, kept or evicted). A caller counting the cache's *slots*
+    instead (HF's ``get_seq_length()``, which ``generate()`` uses to pick the tokens a cache has not seen) would
+    re-feed or skip tokens and give the model a silently different sequence: refused."""
+    first = positions.reshape(-1, positions.shape[-1])[:, 0].expand(seen.shape)
+    if bool((seen < 0).any()) or torch.equal(first, seen):  # (seen < 0: a store the graph adopts itself)
+        return
+    row = int((first != seen).nonzero()[0, 0])
+    raise ValueError(
+        f"kvpass: this forward appends {positions.shape[-1]} tokens starting at position {int(first[row])} (batch row "
+        f"{row}), but the compressed cache has seen {int(seen[row])} tokens of that row so far, in {slots} slots. "
+        "Hugging Face's generate() counts a cache's tokens by its slots, so continuing a conversation from a "
+        "compressed cache with the whole conversation as input_ids would re-feed or skip tokens. Pass only the "
+        "tokens the cache has not seen, with the whole conversation's attention_mask: "
+        "generate(input_ids=ids[:, seen:], attention_mask=torch.ones_like(ids), past_key_values=cache), where "
+        "seen = kvpass.kv_stats(cache)[0].tokens_seen[row]; or pass position_ids that continue at seen"
+    )
 
 
 def _blockwise(opts, sites) -> bool:

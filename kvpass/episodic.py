@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kvpass.config import parse_options
-from kvpass.eval.runner import greedy_generate
+from kvpass.eval.runner import greedy_generate, new_cache
 from kvpass.session import LayerState, Session, session_for
 
 
@@ -44,8 +44,6 @@ def compress_context(forward, model: torch.nn.Module, options: dict, context_ids
     ``observe``: observation prompt ids appended to every block, ``"repeat"`` (each block observed by a copy
     of itself), or None (the policy's own rule).
     """
-    from transformers import DynamicCache
-
     if isinstance(observe, str) and observe != "repeat":
         raise ValueError(f"kvpass: observe must be token ids, 'repeat' or None, got {observe!r}")
     if observe is not None and parse_options(options).prefill_block is None:
@@ -56,7 +54,7 @@ def compress_context(forward, model: torch.nn.Module, options: dict, context_ids
     session.observation_ids = observe
     try:
         out = forward(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                      past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+                      past_key_values=new_cache(model), use_cache=True, logits_to_keep=1)
     finally:
         session.observation_ids = None
     return CompressedContext(out.past_key_values, dict(session.layers), ids.shape[1])

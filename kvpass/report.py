@@ -58,10 +58,13 @@ class LayerStats:
     real_tokens: int | None  # slots holding real tokens, summed over batch and kv-heads (None: not a kvpass store)
     kv_bytes: int            # bytes of keys + values held now
     head_tokens: list[int] | None = None  # real tokens per kv head, summed over batch (differ: head_budgets adaptive)
+    tokens_seen: list[int] | None = None  # per batch row: tokens of the sequence so far, kept or evicted (real ones)
 
     def __str__(self) -> str:
         heads = "" if self.head_tokens is None else f" (per kv head {self.head_tokens})"
-        return f"layer {self.layer}: {self.slots} slots, {self.kv_bytes} bytes, real tokens {self.real_tokens}{heads}"
+        seen = "" if self.tokens_seen is None else f", tokens seen {self.tokens_seen}"
+        return (f"layer {self.layer}: {self.slots} slots, {self.kv_bytes} bytes, real tokens {self.real_tokens}{heads}"
+                f"{seen}")
 
 
 def kv_stats(cache: Any) -> list[LayerStats]:
@@ -77,6 +80,7 @@ def kv_stats(cache: Any) -> list[LayerStats]:
             continue
         found = find_session(keys)
         heads = found[0].head_tokens(found[1], keys) if found else None
+        seen = found[0].layers[found[1]].seen.tolist() if found else None
         nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
-        stats.append(LayerStats(i, keys.shape[-2], None if heads is None else sum(heads), nbytes, heads))
+        stats.append(LayerStats(i, keys.shape[-2], None if heads is None else sum(heads), nbytes, heads, seen))
     return stats

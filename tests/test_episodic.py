@@ -85,8 +85,7 @@ def test_episodic_cache_rejects_bad_input_quoting_it():
 
 
 def test_answer_after_compression_to_per_layer_budgets():
-    # HF sizes one multi-token mask from layer 0's cache, so a question appended to stores of different
-    # lengths is fed token by token
+    # the question is appended to stores of different lengths in one forward (kvpass.CompressedCache's masks)
     model = tiny_model()
     n_layers = model.config.num_hidden_layers
     budgets = [16 + 8 * i for i in range(n_layers)]

@@ -57,10 +57,11 @@ class Scored:
 
 
 def new_cache(model: torch.nn.Module) -> Any:
-    """A fresh HF ``DynamicCache`` for ``model`` (sliding-window layers handled by its config)."""
-    from transformers import DynamicCache
+    """A fresh :class:`kvpass.CompressedCache` for ``model`` (a ``DynamicCache``; sliding-window layers from its
+    config) — uncompressed forwards use it as HF's own."""
+    from kvpass.cache import CompressedCache
 
-    return DynamicCache(config=model.config)
+    return CompressedCache(config=model.config)
 
 
 def cache_bytes(cache: Any, storage: bool = False) -> int:
@@ -132,17 +133,11 @@ def greedy_generate(
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     cache = new_cache(model) if cache is None else cache
-    # HF builds a multi-token forward's mask from layer 0's cache length; over per-layer budgets the other
-    # layers' stores differ, so such a prompt is fed one token at a time (a one-token step needs no mask)
-    chunk = 1 if len({layer.keys.shape[-2] for layer in getattr(cache, "layers", ())
-                      if getattr(layer, "keys", None) is not None}) > 1 else ids.shape[1]
     _sync(device)
     t0 = time.perf_counter()
-    for i in range(0, ids.shape[1], chunk):
-        piece = ids[:, i:i + chunk]
-        out = forward(input_ids=piece, position_ids=_positions(start + i, piece.shape[1], device),
-                      past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-        cache = out.past_key_values if out.past_key_values is not None else cache
+    out = forward(input_ids=ids, position_ids=_positions(start, ids.shape[1], device), past_key_values=cache,
+                  use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values if out.past_key_values is not None else cache
     nxt = out.logits[:, -1].argmax(-1)
     _sync(device)
     prefill_s = time.perf_counter() - t0

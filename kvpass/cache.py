@@ -1,0 +1,57 @@
+"""A Hugging Face ``DynamicCache`` that knows kvpass evicts from it.
+
+Two things Hugging Face reads off a cache's tensors stop holding once kvpass keeps each layer at its budget:
+
+* **How many tokens the cache has seen.** ``get_seq_length()`` counts slots, and ``generate()`` uses it to pick the
+  tokens of ``input_ids`` a cache has not seen yet. Continuing a conversation from a compressed cache then re-feeds
+  or skips tokens (kvpass refuses such a forward: :func:`kvpass.backend.check_continuation`).
+* **One mask for every layer.** HF builds one mask for all full-attention layers, sized by the first one's cache.
+  With per-layer budgets (PyramidKV, ``layer_budgets``) the layers' stores differ in length, and a forward of several
+  tokens (a follow-up question) no longer traces.
+
+:class:`CompressedCache` answers both, and is otherwise a ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from kvpass.session import find_session
+
+
+class CompressedCache(DynamicCache):
+    """``DynamicCache`` for a model compiled with ``backend="kvpass"``; pass it as ``past_key_values``.
+
+    * ``get_seq_length()`` is the number of tokens of the sequence so far, kept or evicted (the most of any batch
+      row: with left padding, the columns of ``input_ids`` already fed), as kvpass's session counts them. So
+      ``generate(whole_conversation, past_key_values=cache)`` feeds exactly the new tokens. While Dynamo traces a
+      forward it stays HF's slot count, a shape: reading kvpass's count would specialize the graph on it.
+    * While Dynamo traces a forward over full-attention stores of different lengths, HF's mask is one key column
+      wide, so it broadcasts over every layer's keys: kvpass masks attention over its stores itself, from each slot's
+      position, and never reads HF's mask there. Sliding-window layers (kept by HF) get HF's own masks.
+    """
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        slots = super().get_seq_length(layer_idx)
+        if slots == 0 or torch.compiler.is_compiling() or layer_idx >= len(self.layers):
+            return slots
+        found = find_session(self.layers[layer_idx].keys)
+        if found is None:  # not (yet) a kvpass store: every token is still in its slot
+            return slots
+        session, layer = found
+        return int(session.layers[layer].seen.max())
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if (torch.compiler.is_compiling() and layer_idx < len(self.layers)
+                and not isinstance(self.layers[layer_idx], DynamicSlidingWindowLayer) and self._stores_differ()):
+            return 1, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def _stores_differ(self) -> bool:
+        """Whether the full-attention layers' stores hold different numbers of slots (per-layer budgets)."""
+        lengths = {layer.keys.shape[-2] for layer in self.layers
+                   if not isinstance(layer, DynamicSlidingWindowLayer) and getattr(layer, "keys", None) is not None
+                   and layer.keys.numel() > 0}
+        return len(lengths) > 1
