@@ -205,28 +205,31 @@ def _softcap_of(node: fx.Node) -> tuple[float, fx.Node] | None:
 
 def _eager_site(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node | None, float, float] | None:
     """Match matmul → scale → (soft cap) → (+mask) → softmax → (cast/dropout) → matmul; return its parts."""
-    node, mask, softcap = softmax.args[0], None, 0.0
+    node, added, softcap = softmax.args[0], [], 0.0
     logits_chain = node
-    while isinstance(node, fx.Node) and node.op == "call_function":
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
         capped = _softcap_of(node) if not softcap else None
         if capped is not None:
             softcap, node = capped
             logits_chain = node  # the scale sits below the cap
             continue
+        if _is_layout(node) and node.target is not operator.getitem:  # (a view of the score matmul: Falcon)
+            node = node.args[0]
+            continue
         if node.target not in PRE_SOFTMAX:
             break
         if node.target in ADD_TARGETS and isinstance(node.args[1], fx.Node):
-            if mask is not None:  # kvpass rebuilds the mask from slot positions; any other bias would be lost
-                raise UnsupportedGraph(
-                    f"kvpass: attention logits at '{softmax.name}' get two additive terms before softmax "
-                    f"('{node.args[1].name}' and '{mask.name}'): a position bias such as ALiBi besides the mask. "
-                    "kvpass supports rotary-position models (it keeps each token's rotated key), not additive "
-                    "position biases"
-                )
-            mask = node.args[1]
+            added.append(node.args[1])
         node = node.args[0]
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in MATMUL_TARGETS):
         return None
+    if len(added) > 1:  # kvpass rebuilds the mask from slot positions: any other additive term would be lost
+        raise UnsupportedGraph(
+            f"kvpass: attention logits at '{softmax.name}' get {len(added)} additive terms before softmax "
+            f"({[n.name for n in reversed(added)]}): a position bias such as ALiBi besides the mask. kvpass supports "
+            "rotary-position models (it keeps each token's rotated key), not additive position biases"
+        )
+    mask = added[0] if added else None
     score_mm = node
     q, k_t = score_mm.args[0], score_mm.args[1]
     out = softmax

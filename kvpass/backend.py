@@ -109,10 +109,11 @@ def check_continuation(positions: torch.Tensor, seen: torch.Tensor, slots: int) 
         f"kvpass: this forward appends {positions.shape[-1]} tokens starting at position {int(first[row])} (batch row "
         f"{row}), but the compressed cache has seen {int(seen[row])} tokens of that row so far, in {slots} slots. "
         "Hugging Face's generate() counts a cache's tokens by its slots, so continuing a conversation from a "
-        "compressed cache with the whole conversation as input_ids would re-feed or skip tokens. Pass only the "
-        "tokens the cache has not seen, with the whole conversation's attention_mask: "
-        "generate(input_ids=ids[:, seen:], attention_mask=torch.ones_like(ids), past_key_values=cache), where "
-        "seen = kvpass.kv_stats(cache)[0].tokens_seen[row]; or pass position_ids that continue at seen"
+        "compressed cache with the whole conversation as input_ids would re-feed or skip tokens. Use "
+        "past_key_values=kvpass.CompressedCache(config=model.config), which counts the tokens it has seen, or pass "
+        "only the tokens the cache has not seen with the whole conversation's attention_mask: "
+        "generate(input_ids=ids[:, seen:], attention_mask=mask, past_key_values=cache), where seen = "
+        "max(kvpass.kv_stats(cache)[0].tokens_seen); or pass position_ids that continue at each row's count"
     )
 
 
