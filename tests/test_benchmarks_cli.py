@@ -48,3 +48,11 @@ def test_question_agnostic_methods_are_checked_before_loading_a_model(method, me
     with pytest.raises(SystemExit):
         script("question_agnostic").main(["--methods", method])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--modes", "kvpass,tokenwise"], "unknown mode(s) ['tokenwise']"),
+                                           (["--follow-up", "0"], "expected a positive integer, got '0'")])
+def test_conversation_turns_arguments_are_checked_before_loading_a_model(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        script("conversation_turns").main(argv)
+    assert message in capsys.readouterr().err
