@@ -13,7 +13,9 @@ query×key matrix:
    softmax, i.e. exactly the ``obs`` the policies score with. Only ``n_obs`` rows are recomputed.
 
 A logit soft cap (Gemma-2: ``softcap * tanh(logit / softcap)``) is applied to each logit block before masking,
-in both kernels, so the weights are the reference's.
+in both kernels, so the weights are the reference's. Learned attention sinks (GPT-OSS: one extra logit per query
+row in the softmax denominator) join each row's sum when it is finished, so its log-sum-exp, and with it the
+observed weights, include them. Values may be narrower than keys (MLA: ``D_v < D``).
 
 Masking is the reference's: a key is visible when its slot holds a real token (``pos >= 0``), it is in
 the store or not after the query in the new block, and (sliding window) less than ``window`` positions
@@ -67,13 +69,22 @@ def _visible(cols, kpos, qi, q_pos, past, N, window, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _finish(acc, m_i, l_i, rows, row_ok, b, hkv, H_KV, dd, d_ok, past, T,
-            V, OUT, LSE,
-            svb, svh, svn, svd, sob, soh, sot, sod,
-            GROUP: tl.constexpr):
-    """Normalize and store rows and their log2-sum-exp; a row that saw nothing takes its own value."""
+            V, OUT, LSE, SINKS,
+            svb, svh, svn, svd, sob, soh, sot, sod, ssb, ssh, sst,
+            GROUP: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Normalize and store rows and their log2-sum-exp; a row that saw nothing takes its own value (and no sink)."""
     qi = rows // GROUP
     hq = hkv * GROUP + rows % GROUP
     empty = m_i == float("-inf")
+    if HAS_SINKS:  # the sink's exp joins the row's denominator (base 2, like the logits)
+        sink = tl.load(SINKS + b * ssb + hq * ssh + qi * sst, mask=row_ok & ~empty,
+                       other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_i, sink)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.exp2(sink - m_safe)
+        acc = acc * alpha[:, None]
+        m_i = m_all
     l_safe = tl.where(empty, 1.0, l_i)
     v_own = tl.load(V + b * svb + hkv * svh + (past + qi)[:, None] * svn + dd[None, :] * svd,
                     mask=(row_ok & empty)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -87,17 +98,17 @@ def _finish(acc, m_i, l_i, rows, row_ok, b, hkv, H_KV, dd, d_ok, past, T,
 @triton.jit
 def _attend_fwd(
     # inputs
-    Q, K, V, POS,
+    Q, K, V, POS, SINKS,
     # outputs: final (SPLITS == 1) or per-split partial results
     OUT, LSE, PART_O, PART_M, PART_L,
     # strides
-    sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, spn, sob, soh, sot, sod,
+    sqb, sqh, sqt, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, spn, sob, soh, sot, sod, ssb, ssh, sst,
     # sizes and scalars
-    H_KV, T, N, D, window, qk_scale, cap,
+    H_KV, T, N, D, DV, window, qk_scale, cap,
     # meta
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_DV: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -112,6 +123,8 @@ def _attend_fwd(
     hq = hkv * GROUP + rows % GROUP
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
+    ddv = tl.arange(0, BLOCK_DV)
+    dv_ok = ddv < DV
     q = tl.load(Q + b * sqb + hq[:, None] * sqh + qi[:, None] * sqt + dd[None, :] * sqd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
@@ -126,14 +139,14 @@ def _attend_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         kt = tl.load(K + b * skb + hkv * skh + cols[None, :] * skn + dd[:, None] * skd,
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        vb = tl.load(V + b * svb + hkv * svh + cols[:, None] * svn + dd[None, :] * svd,
-                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        vb = tl.load(V + b * svb + hkv * svh + cols[:, None] * svn + ddv[None, :] * svd,
+                     mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         kpos = tl.load(POS + b * spb + hkv * sph + cols * spn, mask=col_ok, other=-1)
         if DOT_FP32:
             kt = kt.to(tl.float32)
@@ -149,21 +162,22 @@ def _attend_fwd(
         m_i = m_new
 
     if SPLITS == 1:
-        _finish(acc, m_i, l_i, rows, row_ok, b, hkv, H_KV, dd, d_ok, past, T, V, OUT, LSE,
-                svb, svh, svn, svd, sob, soh, sot, sod, GROUP)
+        _finish(acc, m_i, l_i, rows, row_ok, b, hkv, H_KV, ddv, dv_ok, past, T, V, OUT, LSE, SINKS,
+                svb, svh, svn, svd, sob, soh, sot, sod, ssb, ssh, sst, GROUP, HAS_SINKS)
     else:
         part = (pid_s * tl.num_programs(1) + pid_bh) * R + rows
         tl.store(PART_M + part, m_i, mask=row_ok)
         tl.store(PART_L + part, l_i, mask=row_ok)
-        tl.store(PART_O + part[:, None] * BLOCK_D + dd[None, :], acc, mask=row_ok[:, None])
+        tl.store(PART_O + part[:, None] * BLOCK_DV + ddv[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
 def _attend_combine(
-    PART_O, PART_M, PART_L, V, OUT, LSE,
-    svb, svh, svn, svd, sob, soh, sot, sod,
-    H_KV, T, N, D,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    PART_O, PART_M, PART_L, V, OUT, LSE, SINKS,
+    svb, svh, svn, svd, sob, soh, sot, sod, ssb, ssh, sst,
+    H_KV, T, N, DV,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """Merge the split-K partial (max, sum, unnormalized output) of each row, then finish it."""
     pid_m = tl.program_id(0)
@@ -173,16 +187,16 @@ def _attend_combine(
     R = T * GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
-    dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < D
+    ddv = tl.arange(0, BLOCK_DV)
+    dv_ok = ddv < DV
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for s in tl.static_range(SPLITS):
         part = (s * tl.num_programs(1) + pid_bh) * R + rows
         m_s = tl.load(PART_M + part, mask=row_ok, other=float("-inf"))
         l_s = tl.load(PART_L + part, mask=row_ok, other=0.0)
-        o_s = tl.load(PART_O + part[:, None] * BLOCK_D + dd[None, :], mask=row_ok[:, None], other=0.0)
+        o_s = tl.load(PART_O + part[:, None] * BLOCK_DV + ddv[None, :], mask=row_ok[:, None], other=0.0)
         m_new = tl.maximum(m_i, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a = tl.exp2(m_i - m_safe)
@@ -190,8 +204,8 @@ def _attend_combine(
         l_i = l_i * a + l_s * c
         acc = acc * a[:, None] + o_s * c[:, None]
         m_i = m_new
-    _finish(acc, m_i, l_i, rows, row_ok, b, hkv, H_KV, dd, d_ok, N - T, T, V, OUT, LSE,
-            svb, svh, svn, svd, sob, soh, sot, sod, GROUP)
+    _finish(acc, m_i, l_i, rows, row_ok, b, hkv, H_KV, ddv, dv_ok, N - T, T, V, OUT, LSE, SINKS,
+            svb, svh, svn, svd, sob, soh, sot, sod, ssb, ssh, sst, GROUP, HAS_SINKS)
 
 
 @triton.jit
@@ -289,13 +303,15 @@ def configs_for(batch: int, h_kv: int, group: int, t: int, n: int, d: int) -> li
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, n_obs: int, window: int) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or pos.dim() != 3:
-        raise ValueError(f"kvpass.kernels.attend_scores: expected q [B,H_q,T,D], k/v [B,H_kv,N,D], pos [B,H_kv,N]; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)}")
+        raise ValueError(f"kvpass.kernels.attend_scores: expected q [B,H_q,T,D], k [B,H_kv,N,D], v [B,H_kv,N,D_v], "
+                         f"pos [B,H_kv,N]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"pos {tuple(pos.shape)}")
     b, hq, t, d = q.shape
     _, hkv, n, _ = k.shape
-    if k.shape != (b, hkv, n, d) or v.shape != k.shape or pos.shape != (b, hkv, n):
+    if k.shape != (b, hkv, n, d) or v.shape[:3] != k.shape[:3] or pos.shape != (b, hkv, n):
         raise ValueError(f"kvpass.kernels.attend_scores: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}, pos {tuple(pos.shape)} (k and v must be [B,H_kv,N,D] with q's B and D)")
+                         f"v {tuple(v.shape)}, pos {tuple(pos.shape)} (k must be [B,H_kv,N,D] with q's B and D, v "
+                         "[B,H_kv,N,D_v])")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"kvpass.kernels.attend_scores: H_q={hq} is not a multiple of H_kv={hkv}")
     if not 1 <= t <= n:
@@ -337,12 +353,14 @@ def attend_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, scale: float, n_obs: int,
     window: int = 0, *, config: dict[str, int] | None = None, wrap: Callable | None = None,
     out: torch.Tensor | None = None, obs: torch.Tensor | None = None, obs_reduce: str = "sum", softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kvpass::attend`` with the policy resolved to ``n_obs`` (observed trailing queries).
 
-    Returns ``(out [B,H_q,T,D] in q's dtype, obs [B,H_q,N] float32)`` (``obs`` is ``[B,H_q,0]`` when
+    Returns ``(out [B,H_q,T,D_v] in q's dtype, obs [B,H_q,N] float32)`` (``obs`` is ``[B,H_q,0]`` when
     ``n_obs == 0``); ``obs_reduce``: ``"sum"`` or ``"max"`` of the weights over the observed queries;
-    ``softcap``: logits soft-capped to ``softcap * tanh(logit / softcap)`` (0: none).
+    ``softcap``: logits soft-capped to ``softcap * tanh(logit / softcap)`` (0: none); ``sinks``: None, or one
+    attention-sink logit per query row, broadcastable to ``[B,H_q,T]``.
     ``config``: launch config (default: the tune cache, else :func:`default_config`);
     ``wrap``: applied to each kernel before launch (``torch.library.wrap_triton`` inside a ``triton_op``);
     ``out``/``obs``: preallocated contiguous outputs to write into (e.g. static buffers of a CUDA graph).
@@ -353,13 +371,19 @@ def attend_scores(
     if not softcap >= 0:
         raise ValueError(f"kvpass.kernels.attend_scores: softcap must be >= 0 (0: none), got {softcap!r}")
     b, hq, t, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    hkv, n, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
+    if sinks is not None:
+        if sinks.device != q.device or not sinks.is_floating_point():
+            raise ValueError(f"kvpass.kernels.attend_scores: sinks must be a floating tensor on {q.device}; got "
+                             f"{sinks.dtype} on {sinks.device}")
+        sinks = sinks.expand(b, hq, t)
     if config is None:
         config = tuning.lookup(KERNEL, shape_bucket(q, k, n_obs), q.device) or default_config(b, hkv, group, t, n, d)
     bm, bn, splits = config["BLOCK_M"], config["BLOCK_N"], config["SPLITS"]
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     block_d = max(16, triton.next_power_of_2(d))
+    block_dv = max(16, triton.next_power_of_2(dv))
     interp = tuning.interpreting()
     dot_fp32 = interp or q.dtype == torch.float32
     precision = "ieee" if dot_fp32 else "tf32"
@@ -369,25 +393,29 @@ def attend_scores(
     has_window = window > 0
     wrap = wrap or (lambda fn: fn)
 
-    out = _output(out, q.shape, q.dtype, q.device, "out")
+    out = _output(out, (b, hq, t, dv), q.dtype, q.device, "out")
     lse = torch.empty(b, hq, t, dtype=torch.float32, device=q.device)
     rows = t * group
     m_blocks = triton.cdiv(rows, bm)
     if splits > 1:
-        part_o = torch.empty(splits, b * hkv, rows, block_d, dtype=torch.float32, device=q.device)
+        part_o = torch.empty(splits, b * hkv, rows, block_dv, dtype=torch.float32, device=q.device)
         part_m = torch.empty(splits, b * hkv, rows, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
     else:
         part_o = part_m = part_l = lse  # unused
-    strides = (*q.stride(), *k.stride(), *v.stride(), *pos.stride(), *out.stride())
+    has_sinks = sinks is not None
+    sink_strides = sinks.stride() if has_sinks else (0, 0, 0)
+    sinks = sinks if has_sinks else lse  # (a pointer the kernels never read)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *pos.stride(), *out.stride(), *sink_strides)
     wrap(_attend_fwd)[(m_blocks, b * hkv, splits)](
-        q, k, v, pos, out, lse, part_o, part_m, part_l, *strides, hkv, t, n, d, window, qk_scale, cap,
-        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SPLITS=splits, HAS_WINDOW=has_window,
-        DOT_FP32=dot_fp32, PRECISION=precision, HAS_SOFTCAP=has_softcap, **launch)
+        q, k, v, pos, sinks, out, lse, part_o, part_m, part_l, *strides, hkv, t, n, d, dv, window, qk_scale, cap,
+        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv, SPLITS=splits,
+        HAS_WINDOW=has_window, DOT_FP32=dot_fp32, PRECISION=precision, HAS_SOFTCAP=has_softcap,
+        HAS_SINKS=has_sinks, **launch)
     if splits > 1:
         wrap(_attend_combine)[(m_blocks, b * hkv)](
-            part_o, part_m, part_l, v, out, lse, *v.stride(), *out.stride(), hkv, t, n, d,
-            GROUP=group, BLOCK_M=bm, BLOCK_D=block_d, SPLITS=splits, num_warps=4)
+            part_o, part_m, part_l, v, out, lse, sinks, *v.stride(), *out.stride(), *sink_strides, hkv, t, n, dv,
+            GROUP=group, BLOCK_M=bm, BLOCK_DV=block_dv, SPLITS=splits, HAS_SINKS=has_sinks, num_warps=4)
     if n_obs == 0:
         return out, torch.empty(b, hq, 0, dtype=torch.float32, device=q.device)
     obs = _output(obs, (b, hq, n), torch.float32, q.device, "obs")

@@ -58,12 +58,12 @@ def _keys(pos_row, keep_row, idx, ok, spn, srn, limit, HAS_WINDOW: tl.constexpr)
 def _compact(
     # inputs
     K, V, POS, KEEP, ACC,
-    # outputs (contiguous [B, H, capacity, D] / [B, H, capacity])
+    # outputs (contiguous [B, H, capacity, D] (values: D_v) / [B, H, capacity])
     K_OUT, V_OUT, POS_OUT, ACC_OUT,
     # strides
     skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, spn, srb, srh, srn, sab, sah, san,
     # sizes
-    H, N, D, n_keep, capacity, window,
+    H, N, D, DV, n_keep, capacity, window,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -140,10 +140,14 @@ def _compact(
             cols = d0 + dd
             m = kept[:, None] & (cols < D)[None, :]
             kv = tl.load(K + b * skb + h * skh + idx[:, None] * skn + cols[None, :] * skd, mask=m)
-            vv = tl.load(V + b * svb + h * svh + idx[:, None] * svn + cols[None, :] * svd, mask=m)
             tl.debug_barrier()
             tl.store(K_OUT + out_row[:, None] * D + cols[None, :], kv, mask=m)
-            tl.store(V_OUT + out_row[:, None] * D + cols[None, :], vv, mask=m)
+        for d0 in range(0, DV, BLOCK_D):  # (values may be narrower than keys: MLA)
+            cols = d0 + dd
+            m = kept[:, None] & (cols < DV)[None, :]
+            vv = tl.load(V + b * svb + h * svh + idx[:, None] * svn + cols[None, :] * svd, mask=m)
+            tl.debug_barrier()
+            tl.store(V_OUT + out_row[:, None] * DV + cols[None, :], vv, mask=m)
         kept_before += tl.sum(kept_i, axis=0)
         ties_before += tl.sum(tie, axis=0)
 
@@ -155,12 +159,15 @@ def _compact(
         out_row = pid * capacity + slot
         tl.store(POS_OUT + out_row, tl.full([BLOCK_N], -1, tl.int64), mask=ok)
         tl.store(ACC_OUT + out_row, tl.zeros([BLOCK_N], tl.float32), mask=ok)
+        zero = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + dd
             m = ok[:, None] & (cols < D)[None, :]
-            zero = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             tl.store(K_OUT + out_row[:, None] * D + cols[None, :], zero.to(K_OUT.dtype.element_ty), mask=m)
-            tl.store(V_OUT + out_row[:, None] * D + cols[None, :], zero.to(V_OUT.dtype.element_ty), mask=m)
+        for d0 in range(0, DV, BLOCK_D):
+            cols = d0 + dd
+            m = ok[:, None] & (cols < DV)[None, :]
+            tl.store(V_OUT + out_row[:, None] * DV + cols[None, :], zero.to(V_OUT.dtype.element_ty), mask=m)
 
 
 def shape_bucket(k: torch.Tensor, capacity: int) -> str:
@@ -195,9 +202,9 @@ def compact(
     ``out``: the store's own buffers ``(k, v, pos, acc)`` to write into. They may alias the inputs (compaction
     in place): a kept slot only ever moves to a lower or equal index, and each block is read before it is written.
     """
-    if k.dim() != 4 or v.shape != k.shape or pos.shape != k.shape[:3] or keep.shape != pos.shape \
-            or acc.shape != pos.shape:
-        raise ValueError(f"kvpass.kernels.compact: expected k/v [B,H,N,D] and pos/keep/acc [B,H,N]; got k "
+    if k.dim() != 4 or v.dim() != 4 or v.shape[:3] != k.shape[:3] or pos.shape != k.shape[:3] \
+            or keep.shape != pos.shape or acc.shape != pos.shape:
+        raise ValueError(f"kvpass.kernels.compact: expected k [B,H,N,D], v [B,H,N,D_v] and pos/keep/acc [B,H,N]; got k "
                          f"{tuple(k.shape)}, v {tuple(v.shape)}, pos {tuple(pos.shape)}, keep {tuple(keep.shape)}, "
                          f"acc {tuple(acc.shape)}")
     if budget < 1 or capacity < budget:
@@ -210,21 +217,22 @@ def compact(
                          f"acc {acc.dtype}, k {k.dtype}, v {v.dtype}")
     check_device(k.device)
     b, h, n, d = k.shape
+    dv = v.shape[3]
     if config is None:
         config = tuning.lookup(KERNEL, shape_bucket(k, capacity), k.device) or default_config(n, d)
     keep = keep.float()
     if out is None:
         out = (None, None, None, None)
     k_out = _output(out[0], (b, h, capacity, d), k.dtype, k.device, "k")
-    v_out = _output(out[1], (b, h, capacity, d), k.dtype, k.device, "v")
+    v_out = _output(out[1], (b, h, capacity, dv), k.dtype, k.device, "v")
     pos_out = _output(out[2], (b, h, capacity), torch.int64, k.device, "pos")
     acc_out = _output(out[3], (b, h, capacity), torch.float32, k.device, "acc")
     wrap = wrap or (lambda fn: fn)
     wrap(_compact)[(b * h,)](
         k, v, pos, keep, acc, k_out, v_out, pos_out, acc_out,
         *k.stride(), *v.stride(), *pos.stride(), *keep.stride(), *acc.stride(),
-        h, n, d, min(budget, n), capacity, window,
-        BLOCK_N=config["BLOCK_N"], BLOCK_D=_block_d(config["BLOCK_N"], d), HAS_WINDOW=window > 0,
+        h, n, d, dv, min(budget, n), capacity, window,
+        BLOCK_N=config["BLOCK_N"], BLOCK_D=_block_d(config["BLOCK_N"], max(d, dv)), HAS_WINDOW=window > 0,
         ONE_BLOCK=n <= config["BLOCK_N"],
         num_warps=config["num_warps"])
     return k_out, v_out, pos_out, acc_out

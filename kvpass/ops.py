@@ -52,9 +52,10 @@ def _(pos, acc, seen, new_valid):
     return pos.new_empty(b, h, c + t), acc.new_empty(b, h, c + t), seen.new_empty(seen.shape)
 
 
-def attention_mask(pos: Tensor, n_new: int, rows: slice, window: int = 0) -> Tensor:
+def attention_mask(pos: Tensor, n_new: int, rows: slice, window: int = 0) -> tuple[Tensor, Tensor]:
     """``[B, H_kv, len(rows), N]`` bool: new query ``i`` sees valid store slots and new keys ``j <= i``
-    (and, with a sliding ``window``, only keys less than ``window`` positions behind it).
+    (and, with a sliding ``window``, only keys less than ``window`` positions behind it); and ``[B, H_kv,
+    len(rows)]`` bool: whether the query sees any key by that rule.
 
     A query with nothing to see (a padding query) sees itself, so no softmax row is empty.
     """
@@ -68,7 +69,8 @@ def attention_mask(pos: Tensor, n_new: int, rows: slice, window: int = 0) -> Ten
         q_pos = pos[:, :, past:][:, :, rows]
         allowed = allowed & (q_pos[..., None] - pos[:, :, None, :] < window)
     own = k_idx - past == q_idx
-    return allowed | (own & ~allowed.any(dim=-1, keepdim=True))
+    sees = allowed.any(dim=-1)
+    return allowed | (own & ~sees[..., None]), sees
 
 
 def soft_capped(logits: Tensor, softcap: float) -> Tensor:
@@ -76,15 +78,29 @@ def soft_capped(logits: Tensor, softcap: float) -> Tensor:
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
+def sink_softmax(logits: Tensor, sinks: Tensor | None, real_rows: Tensor | None) -> Tensor:
+    """Softmax of masked ``logits [..., rows, N]``; with ``sinks [..., rows]`` each row's denominator also gets
+    ``exp(sink)`` (a learned attention sink: GPT-OSS's extra logit column, dropped after the softmax; GraniteSWA's
+    ``sigmoid(lse - sink)`` output scale is the same). Rows that are not ``real_rows`` (a padding query seeing only
+    itself) take no sink, so their output is their own value."""
+    if sinks is None:
+        return logits.softmax(dim=-1)
+    sink = sinks.float().masked_fill(~real_rows, float("-inf"))[..., None]
+    return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+
+
 def attend_reference(
-    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, policy: str, window: int, softcap: float = 0.0
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, policy: str, window: int, softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``T`` new queries over ``N`` candidate slots, plus the weights policies score with.
 
-    q: ``[B, H_q, T, D]``; k/v: ``[B, H_kv, N, D]`` (GQA when ``H_q > H_kv``); pos as in the module doc;
+    q: ``[B, H_q, T, D]``; k: ``[B, H_kv, N, D]``, v: ``[B, H_kv, N, D_v]`` (GQA when ``H_q > H_kv``; MLA's
+    values may be narrower than its keys); pos as in the module doc;
     window: sliding-window length of the layer, 0 for full attention; softcap: the logits become
-    ``softcap * tanh(logits / softcap)`` before masking (Gemma-2), 0 for none.
-    Returns ``(out [B, H_q, T, D], obs [B, H_q, N])`` where ``obs`` is the float32 softmax weights of the
+    ``softcap * tanh(logits / softcap)`` before masking (Gemma-2), 0 for none; sinks: ``None`` or a learned
+    attention-sink logit per query row, broadcastable to ``[B, H_q, T]`` (:func:`sink_softmax`).
+    Returns ``(out [B, H_q, T, D_v], obs [B, H_q, N])`` where ``obs`` is the float32 softmax weights of the
     last ``policy.n_obs(T)`` queries summed (or, for a policy with ``obs_reduce == "max"``, maximized) over
     those queries (``[B, H_q, 0]`` if the policy reads none).
     """
@@ -96,13 +112,15 @@ def attend_reference(
     # GQA without copying K/V: query heads j*group..(j+1)*group-1 share kv head j (HF's repeat_kv order),
     # so fold each group into the query axis: [B, H_kv, group * rows, D] against [B, H_kv, N, D].
     qg = q.view(b, hkv, group, t, d)
+    sink_rows = None if sinks is None else sinks.expand(b, hq, t).reshape(b, hkv, group, t)
     chunks: list[Tensor] = []
     obs = torch.zeros(b, hkv, group, n if n_obs > 0 else 0, dtype=torch.float32, device=q.device)
     first_obs = t - n_obs
+    plain = not softcap and sinks is None  # SDPA computes these rows when no weights are needed
     # chunks never straddle first_obs: only observed queries take the explicit-weights path
     rows = max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // (group * n))) if isinstance(n, int) else _QUERY_CHUNK
     bounds = [*range(0, first_obs, rows), *range(first_obs, t, rows), t]
-    if n == t and window == 0 and not softcap and first_obs > 0 and not torch.compiler.is_compiling() and bool(
+    if n == t and window == 0 and plain and first_obs > 0 and not torch.compiler.is_compiling() and bool(
         (pos >= 0).all()
     ):
         # a prefill with no padding is plain causal attention: one fused SDPA call for the unobserved
@@ -110,35 +128,41 @@ def attend_reference(
         head = torch.nn.functional.scaled_dot_product_attention(
             q[:, :, :first_obs], k[:, :, :first_obs], v[:, :, :first_obs], is_causal=True, scale=scale,
             enable_gqa=True)
-        chunks.append(head.reshape(b, hkv, group, first_obs, d))
+        chunks.append(head.reshape(b, hkv, group, first_obs, -1))
         bounds = [*range(first_obs, t, rows), t]
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):  # functional: also serves as a decomposition
         rows = slice(start, stop)
         r = rows.stop - rows.start
-        mask = attention_mask(pos, t, rows, window)[:, :, None].expand(b, hkv, group, r, n).reshape(b, hkv, -1, n)
+        mask, sees = attention_mask(pos, t, rows, window)
+        mask = mask[:, :, None].expand(b, hkv, group, r, n).reshape(b, hkv, -1, n)
         qc = qg[:, :, :, rows].reshape(b, hkv, group * r, d)
-        if rows.stop <= first_obs and not softcap:
+        if rows.stop <= first_obs and plain:
             chunk = torch.nn.functional.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale)
         else:
             logits = soft_capped((qc.float() @ k.float().transpose(-1, -2)) * scale, softcap)
-            weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            real = sees[:, :, None].expand(b, hkv, group, r).reshape(b, hkv, -1)
+            sink = None if sink_rows is None else sink_rows[:, :, :, rows].reshape(b, hkv, -1)
+            weights = sink_softmax(logits.masked_fill(~mask, float("-inf")), sink, real)
             chunk = (weights.to(v.dtype) @ v).to(q.dtype)
-            if rows.stop > first_obs:  # (with a soft cap unobserved chunks take this path too)
+            if rows.stop > first_obs:  # (with a soft cap or sinks unobserved chunks take this path too)
                 observed = weights.view(b, hkv, group, r, n)[:, :, :, max(first_obs - start, 0) :]
                 obs = torch.maximum(obs, observed.amax(dim=3)) if rule.obs_reduce == "max" else obs + observed.sum(3)
         chunks.append(chunk.view(b, hkv, group, r, -1))
     out = torch.cat(chunks, dim=3) if len(chunks) > 1 else chunks[0]
-    return out.reshape(b, hq, t, d), obs.view(b, hq, -1)
+    # contiguous, as the fake says: the CPU SDPA kernel returns a permuted layout, which a model's later .view() of
+    # the output (XGLM's) cannot take
+    return out.reshape(b, hq, t, -1).contiguous(), obs.view(b, hq, -1)
 
 
 attend = torch.library.custom_op("kvpass::attend", mutates_args=())(attend_reference)
 
 
 @attend.register_fake
-def _(q, k, v, pos, scale, policy, window, softcap=0.0):
-    b, hq = q.shape[:2]
+def _(q, k, v, pos, scale, policy, window, softcap=0.0, sinks=None):
+    b, hq, t = q.shape[:3]
     n = k.shape[2] if policy_from_spec(policy).needs_obs else 0
-    return q.new_empty(q.shape), q.new_empty(b, hq, n, dtype=torch.float32)  # contiguous, like the reference
+    # contiguous, like the reference
+    return q.new_empty(b, hq, t, v.shape[-1]), q.new_empty(b, hq, n, dtype=torch.float32)
 
 
 def score_reference(
@@ -300,7 +324,8 @@ def _(pos, acc, seen, new_valid):
 
 
 def attend_packed_reference(
-    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, head: Tensor, scale: float, policy: str, softcap: float = 0.0
+    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, head: Tensor, scale: float, policy: str, softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`attend_reference` over packed candidates: kv head ``g`` attends to the slots whose ``head`` is ``g``.
 
@@ -308,7 +333,8 @@ def attend_packed_reference(
     ``j - (N - T)`` (of head ``r``); causality is by that index, as in :func:`attention_mask`. Every query reads
     all ``H_kv * N`` slots (masked to its head's), so this costs ``H_kv``x the FLOPs of a uniform store of the
     same bytes. ``obs [B, H_q, N]`` is laid out like the candidates: entry ``(r * group + i, j)`` is query head
-    ``i`` of slot ``(r, j)``'s own kv head group, so the policies score packed slots unchanged.
+    ``i`` of slot ``(r, j)``'s own kv head group, so the policies score packed slots unchanged. ``softcap`` and
+    ``sinks`` as in :func:`attend_reference`.
     """
     b, hq, t, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
@@ -321,6 +347,7 @@ def attend_packed_reference(
     kv_heads = torch.arange(hkv, device=q.device)
     visible = (head.reshape(b, 1, m) == kv_heads.view(1, hkv, 1)) & (pos.reshape(b, 1, m) >= 0)  # [B, H_kv, M]
     qg = q.view(b, hkv, group, t, d)
+    sink_rows = None if sinks is None else sinks.expand(b, hq, t).reshape(b, hkv, group, t)
     obs = torch.zeros(b, hkv, group, m if n_obs > 0 else 0, dtype=torch.float32, device=q.device)
     rows = max(1, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // (group * m))) if isinstance(m, int) else _QUERY_CHUNK
     bounds = [*range(0, first_obs, rows), *range(first_obs, t, rows), t]
@@ -331,11 +358,14 @@ def attend_packed_reference(
         causal = (slot < past) | (slot - past <= query[:, None])                  # [r, M]
         allowed = visible[:, :, None, :] & causal                                 # [B, H_kv, r, M]
         own = torch.arange(m, device=q.device) == (kv_heads * n + past).view(hkv, 1, 1) + query.view(1, r, 1)
-        allowed = allowed | (own & ~allowed.any(dim=-1, keepdim=True))  # a padding query sees itself
+        sees = allowed.any(dim=-1)
+        allowed = allowed | (own & ~sees[..., None])  # a padding query sees itself
         mask = allowed[:, :, None].expand(b, hkv, group, r, m).reshape(b, hkv, group * r, m)
         qc = qg[:, :, :, start:stop].reshape(b, hkv, group * r, d)
         logits = soft_capped((qc.float() @ k_flat.float().transpose(-1, -2)) * scale, softcap)
-        weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        real = sees[:, :, None].expand(b, hkv, group, r).reshape(b, hkv, -1)
+        sink = None if sink_rows is None else sink_rows[:, :, :, start:stop].reshape(b, hkv, -1)
+        weights = sink_softmax(logits.masked_fill(~mask, float("-inf")), sink, real)
         chunks.append((weights.to(v.dtype) @ v_flat).to(q.dtype).view(b, hkv, group, r, -1))
         if stop > first_obs:
             observed = weights.view(b, hkv, group, r, m)[:, :, :, max(first_obs - start, 0) :]
@@ -353,10 +383,10 @@ attend_packed = torch.library.custom_op("kvpass::attend_packed", mutates_args=()
 
 
 @attend_packed.register_fake
-def _(q, k, v, pos, head, scale, policy, softcap=0.0):
-    b, hq = q.shape[:2]
+def _(q, k, v, pos, head, scale, policy, softcap=0.0, sinks=None):
+    b, hq, t = q.shape[:3]
     n = k.shape[2] if policy_from_spec(policy).needs_obs else 0
-    return q.new_empty(q.shape), q.new_empty(b, hq, n, dtype=torch.float32)
+    return q.new_empty(b, hq, t, v.shape[-1]), q.new_empty(b, hq, n, dtype=torch.float32)
 
 
 def compact_packed_reference(

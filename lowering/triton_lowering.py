@@ -81,13 +81,14 @@ def n_obs_for(policy: str, n_new: int) -> int:
 
 
 def attend_kernel(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, policy: str, window: int,
-                  softcap: float = 0.0, wrap: Callable | None = None) -> tuple[Tensor, Tensor]:
+                  softcap: float = 0.0, sinks: Tensor | None = None,
+                  wrap: Callable | None = None) -> tuple[Tensor, Tensor]:
     """``kvpass::attend`` through the fused attention + scores kernel (same contract as the reference)."""
     from kvpass.kernels.attend_scores import attend_scores
 
     reduce = getattr(policy_from_spec(policy), "obs_reduce", "sum")
     return attend_scores(q, k, v, pos, scale, n_obs_for(policy, q.shape[2]), window, wrap=wrap, obs_reduce=reduce,
-                         softcap=softcap)
+                         softcap=softcap, sinks=sinks)
 
 
 def compact_kernel(k: Tensor, v: Tensor, pos: Tensor, keep: Tensor, acc: Tensor, budget: int, capacity: int,
@@ -129,10 +130,10 @@ def score_kernel(policy: str, obs: Tensor, k: Tensor, pos: Tensor, acc: Tensor, 
     return snapkv_scores(obs, pos, rule.n_obs(n_new), rule.window, rule.kernel_size, rule.pooling, wrap=wrap)
 
 
-def _attend_cuda(q, k, v, pos, scale, policy, window, softcap=0.0):
+def _attend_cuda(q, k, v, pos, scale, policy, window, softcap=0.0, sinks=None):
     if reference_forced():
-        return attend_reference(q, k, v, pos, scale, policy, window, softcap)
-    return attend_kernel(q, k, v, pos, scale, policy, window, softcap)
+        return attend_reference(q, k, v, pos, scale, policy, window, softcap, sinks)
+    return attend_kernel(q, k, v, pos, scale, policy, window, softcap, sinks)
 
 
 def _compact_cuda(k, v, pos, keep, acc, budget, capacity, window):
@@ -170,8 +171,8 @@ def triton_ops() -> tuple[Callable, Callable, Callable, Callable]:
 
     @triton_op("kvpass_triton::attend", mutates_args=())
     def attend(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, policy: str,
-               window: int, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
-        return attend_kernel(q, k, v, pos, scale, policy, window, softcap, wrap=wrap_triton)
+               window: int, softcap: float = 0.0, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return attend_kernel(q, k, v, pos, scale, policy, window, softcap, sinks, wrap=wrap_triton)
 
     @triton_op("kvpass_triton::compact", mutates_args=())
     def compact(k: Tensor, v: Tensor, pos: Tensor, keep: Tensor, acc: Tensor, budget: int, capacity: int,

@@ -18,22 +18,27 @@ POLICIES = {"h2o": {}, "snapkv": {"window": 4}, "tova": {}, "streaming_llm": {},
 
 def run_case(seed: int, b: int, hkv: int, group: int, t: int, c: int, d: int, dtype: torch.dtype, policy: str,
              window: int, config: dict | None = None, p_dead: float = 0.2, p_pad: float = 0.2,
-             softcap: float = 0.0) -> None:
+             softcap: float = 0.0, sinks: str | None = None, dv: int | None = None) -> None:
+    """``sinks``: None, ``"head"`` (one learned logit per query head, GPT-OSS) or ``"row"`` (one per query row);
+    ``dv``: value width (MLA: narrower than the keys')."""
     gen = torch.Generator().manual_seed(seed)
     n = c + t
     q = torch.randn(b, hkv * group, t, d, generator=gen).to(dtype)
     k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
-    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, n, dv or d, generator=gen).to(dtype)
+    sink = {None: None, "head": lambda: torch.randn(1, hkv * group, 1, generator=gen) * 2,
+            "row": lambda: torch.randn(b, hkv * group, t, generator=gen)}[sinks]
+    sink = sink() if sink else None
     pos = kh.random_pos(gen, b, hkv, c, t, p_dead, p_pad)
     rule = make_policy(policy, **POLICIES[policy])
     n_obs = rule.n_obs(t) if rule.needs_obs else 0
     scale = d**-0.5 if not softcap else 1.0
     # poisoned outputs: an element the kernels fail to write stays NaN and fails the comparison
-    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    out = torch.full((b, hkv * group, t, dv or d), float("nan"), dtype=dtype)
     obs = torch.full((b, hkv * group, n), float("nan")) if n_obs else None
     got_out, got_obs = A.attend_scores(q, k, v, pos, scale, n_obs, window, config=config, out=out, obs=obs,
-                                       obs_reduce=getattr(rule, "obs_reduce", "sum"), softcap=softcap)
-    ref_out, ref_obs = attend_reference(q, k, v, pos, scale, rule.spec(), window, softcap)
+                                       obs_reduce=getattr(rule, "obs_reduce", "sum"), softcap=softcap, sinks=sink)
+    ref_out, ref_obs = attend_reference(q, k, v, pos, scale, rule.spec(), window, softcap, sink)
     assert got_out.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got_out.float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
     assert got_obs.shape == ref_obs.shape and got_obs.dtype == torch.float32
@@ -70,6 +75,25 @@ def test_attend_with_a_logit_soft_cap_matches_reference(t, c, dtype, config):
     # cap 0.5 on logits of size ~4 (scale 1 with D 16): the tanh saturates, so a kernel without the cap fails
     for seed in range(2):
         run_case(seed, 2, 2, 2, t, c, 16, dtype, "h2o", 0, config, softcap=0.5)
+
+
+@pytest.mark.parametrize(("t", "c", "dtype", "config", "sinks"), [
+    (9, 23, torch.float32, SMALL, "head"),  # block over a store: the forward and the observed-weights kernel
+    (1, 60, torch.float16, SPLIT, "head"),  # decode, split-K: the sink joins the merged rows
+    (7, 5, torch.float32, None, "row"),  # one sink per query row, padding rows (no sink) included
+])
+def test_attend_with_attention_sinks_matches_reference(t, c, dtype, config, sinks):
+    for seed in range(2):
+        run_case(seed, 2, 2, 2, t, c, 16, dtype, "h2o", 0, config, p_pad=0.3, sinks=sinks)
+
+
+@pytest.mark.parametrize(("t", "c", "d", "dv", "config"), [
+    (6, 10, 24, 16, SMALL),  # MLA-like: keys of 24 dims, values of 16
+    (1, 40, 32, 20, SPLIT),  # decode, split-K, values not a power of 2
+    (3, 4, 16, 32, None),  # values wider than keys
+])
+def test_attend_with_values_of_another_width_matches_reference(t, c, d, dv, config):
+    run_case(5, 2, 1, 4, t, c, d, torch.float32, "snapkv", 0, config, dv=dv)
 
 
 def test_queries_that_see_nothing_attend_to_themselves():
@@ -109,18 +133,21 @@ def test_default_configs_are_in_the_tune_space():
         assert A.configs_for(*shape)
 
 
-PTRS = {"POS": "*i64", "LSE": "*fp32", "PART_O": "*fp32", "PART_M": "*fp32", "PART_L": "*fp32", "OBS": "*fp32",
-        "qk_scale": "fp32"}
+PTRS = {"POS": "*i64", "SINKS": "*fp32", "LSE": "*fp32", "PART_O": "*fp32", "PART_M": "*fp32", "PART_L": "*fp32",
+        "OBS": "*fp32", "qk_scale": "fp32"}
 
 
 def test_attend_kernels_compile_to_ptx_sm90():
     jobs = []
-    for dtype, splits, window in [("fp16", 1, True), ("bf16", 4, False)]:
+    for dtype, splits, window, sinks in [("fp16", 1, True, False), ("bf16", 4, False, True)]:
         sig = {**{name: f"*{dtype}" for name in ("Q", "K", "V", "OUT")}, **PTRS}
-        meta = dict(GROUP=4, BLOCK_N=64, BLOCK_D=128, HAS_WINDOW=window, DOT_FP32=False, PRECISION="tf32")
-        jobs.append(("attend_scores", "_attend_fwd", sig, {**meta, "BLOCK_M": 64, "SPLITS": splits}))
+        meta = dict(GROUP=4, BLOCK_N=64, BLOCK_D=128, HAS_WINDOW=window, DOT_FP32=False, PRECISION="tf32",
+                    HAS_SOFTCAP=False)
+        jobs.append(("attend_scores", "_attend_fwd", sig,
+                     {**meta, "BLOCK_M": 64, "SPLITS": splits, "BLOCK_DV": 128 if window else 64, "HAS_SINKS": sinks}))
         jobs.append(("attend_scores", "_attend_obs", sig, {**meta, "BLOCK_M": 16, "OBS_MAX": splits > 1}))
-    jobs.append(("attend_scores", "_attend_combine", sig, dict(GROUP=4, BLOCK_M=16, BLOCK_D=128, SPLITS=4)))
+    jobs.append(("attend_scores", "_attend_combine", sig,
+                 dict(GROUP=4, BLOCK_M=16, BLOCK_DV=128, SPLITS=4, HAS_SINKS=True)))
     ptx = kh.compile_ptx_sm90(jobs)
     for (_, kernel, _, _), text in zip(jobs, ptx, strict=True):
         assert ".target sm_90" in text and f".entry {kernel}(" in text

@@ -17,18 +17,20 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def run_case(seed: int, b: int, h: int, c: int, t: int, d: int, dtype: torch.dtype, budget: int, capacity: int,
-             window: int, config: dict | None = None, p_dead: float = 0.2, ties: bool = False) -> None:
+             window: int, config: dict | None = None, p_dead: float = 0.2, ties: bool = False,
+             dv: int | None = None) -> None:
     gen = torch.Generator().manual_seed(seed)
     n = c + t
+    dv = dv or d  # (an MLA store: latent "keys" and narrower rotary-key "values")
     k = torch.randn(b, h, n, d, generator=gen).to(dtype)
-    v = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    v = torch.randn(b, h, n, dv, generator=gen).to(dtype)
     pos = kh.random_pos(gen, b, h, c, t, p_dead, p_dead)
     keep = torch.randn(b, h, n, generator=gen)
     if ties:  # few distinct scores: the kept set depends on tie-breaking (lowest slot first, like a stable sort)
         keep = keep.round()
         keep[torch.rand(b, h, n, generator=gen) < 0.1] = float("inf")  # protected slots (sinks / recent)
     acc = torch.rand(b, h, n, generator=gen)
-    out = (torch.full((b, h, capacity, d), float("nan"), dtype=dtype), torch.full((b, h, capacity, d), float("nan"),
+    out = (torch.full((b, h, capacity, d), float("nan"), dtype=dtype), torch.full((b, h, capacity, dv), float("nan"),
            dtype=dtype), torch.full((b, h, capacity), -7, dtype=torch.long), torch.full((b, h, capacity), float("nan")))
     got = C.compact(k, v, pos, keep, acc, budget, capacity, window, config=config, out=out)
     assert all(g.data_ptr() == o.data_ptr() for g, o in zip(got, out, strict=True))
@@ -66,6 +68,11 @@ MULTI = {"BLOCK_N": 16, "num_warps": 4}
 def test_compact_matches_reference(b, h, c, t, d, dtype, budget, capacity, window, config):
     for seed in range(2):
         run_case(seed, b, h, c, t, d, dtype, budget, capacity, window, config)
+
+
+@pytest.mark.parametrize(("d", "dv", "config"), [(32, 8, ONE), (16, 40, MULTI)])
+def test_compact_with_values_of_another_width_matches_reference(d, dv, config):
+    run_case(7, 2, 1, 14, 3, d, torch.float32, 6, 8, 0, config, dv=dv)
 
 
 def test_ties_break_toward_lower_slots():

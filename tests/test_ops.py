@@ -87,6 +87,56 @@ def test_attend_soft_caps_logits_like_gemma2(policy):
         torch.testing.assert_close(obs, weights.sum(2), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("policy", [H2O(), Knorm()])
+def test_attend_sinks_are_gpt_oss_extra_logit_column(policy):
+    # GPT-OSS: one learned logit per head joins each row's softmax (a column dropped after it); store of 4 slots
+    # (one empty) + 5 new tokens, the first new token of batch row 1 marked padding (it still sees the store)
+    q, k, v = _rand(5, 9)
+    pos = torch.tensor([0, -1, 1, 2, 3, 4, 5, 6, 7]).expand(B, HKV, 9).clone()
+    pos[1, :, 4] = -1
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    out, obs = ops.attend(q, k, v, pos, D**-0.5, policy.spec(), 0, 0.0, sinks.view(1, HQ, 1))
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * D**-0.5
+    visible = (pos.repeat_interleave(2, 1)[:, :, None, :] >= 0) & torch.ones(5, 9, dtype=torch.bool).tril(4)
+    column = sinks.view(1, HQ, 1, 1).expand(B, HQ, 5, 1)
+    weights = torch.cat([logits.masked_fill(~visible, float("-inf")), column], -1).softmax(-1)[..., :-1]
+    torch.testing.assert_close(out, weights @ v.repeat_interleave(2, 1), atol=1e-5, rtol=1e-5)
+    if policy.needs_obs:
+        torch.testing.assert_close(obs, weights.sum(2), atol=1e-5, rtol=1e-5)
+    plain, _ = ops.attend(q, k, v, pos, D**-0.5, policy.spec(), 0)
+    assert not torch.allclose(out, plain, atol=1e-2)
+
+
+def test_attend_sinks_equal_granite_swa_lse_scaling():
+    # GraniteSWA scales the plain softmax output by sigmoid(logsumexp(logits) - sink): the same attention.
+    # Batch row 0 has two tokens of left padding: they see nothing, so each takes its own value (no sink)
+    q, k, v = _rand(6, 6)
+    valid = torch.ones(B, 6, dtype=torch.bool)
+    valid[0, :2] = False
+    pos, _, _ = _prefill_meta(valid)
+    sinks = torch.randn(HQ)
+    out, _ = ops.attend(q, k, v, pos, 0.4, Knorm().spec(), 0, 0.0, sinks.view(1, HQ, 1))
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.4
+    visible = (pos.repeat_interleave(2, 1)[:, :, None, :] >= 0) & torch.ones(6, 6, dtype=torch.bool).tril()
+    logits = logits.masked_fill(~visible, float("-inf"))
+    scale = (logits.logsumexp(-1) - sinks.view(1, HQ, 1)).sigmoid()
+    expected = (logits.softmax(-1) @ v.repeat_interleave(2, 1)) * scale[..., None]
+    expected[0, :, :2] = v.repeat_interleave(2, 1)[0, :, :2]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [H2O(), Knorm()])
+def test_attend_values_narrower_than_keys_like_mla(policy):
+    # MLA (DeepSeek-V2/V3): queries and keys of 12 dims, values of 8
+    q, k, v = torch.randn(B, HQ, 4, 12), torch.randn(B, HKV, 7, 12), torch.randn(B, HKV, 7, D)
+    pos = torch.arange(7).expand(B, HKV, 7).contiguous()
+    out, _ = ops.attend(q, k, v, pos, 0.3, policy.spec(), 0)
+    causal = torch.ones(4, 7, dtype=torch.bool).tril(3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.3, enable_gqa=True)
+    assert out.shape == (B, HQ, 4, D)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_attend_long_prompt_chunks_agree():
     # more queries than one reference chunk, with every query observed (H2O)
     t = ops._QUERY_CHUNK + 37
@@ -142,12 +192,14 @@ def test_packed_positions_round_trip_and_extend_gives_new_tokens_their_row_head(
     assert seen.tolist() == [10, 10] and acc_all.shape == (B, HKV, 8)
 
 
-@pytest.mark.parametrize("policy, softcap", [(SnapKV(window=2), 0.0), (H2O(), 0.0), (EpiCache(window=2), 0.0),
-                                             (H2O(), 0.2)])
-def test_attend_packed_is_each_heads_attention_over_its_own_slots(policy, softcap):
+@pytest.mark.parametrize("policy, softcap, sinks", [(SnapKV(window=2), 0.0, None), (H2O(), 0.0, None),
+                                                    (EpiCache(window=2), 0.0, None), (H2O(), 0.2, None),
+                                                    (H2O(), 0.0, torch.tensor([0.5, -1.0, 2.0, 0.0]))])
+def test_attend_packed_is_each_heads_attention_over_its_own_slots(policy, softcap, sinks):
     pos, head, _, _ = _packed_candidates()
     q, k, v = _rand(3, 8)
-    out, obs = ops.attend_packed(q, k, v, pos, head, D**-0.5, policy.spec(), softcap)
+    sink_rows = None if sinks is None else sinks.view(1, HQ, 1)
+    out, obs = ops.attend_packed(q, k, v, pos, head, D**-0.5, policy.spec(), softcap, sink_rows)
     n_obs = policy.n_obs(3)
     group = HQ // HKV
     expected_obs = torch.zeros(B, HQ, 8)
@@ -161,7 +213,10 @@ def test_attend_packed_is_each_heads_attention_over_its_own_slots(policy, softca
             for i in range(3):
                 seen = new <= i  # store slots (-1) and new tokens up to query i
                 logits = (keys[seen] @ q[b, h, i]) * D**-0.5
-                w = (softcap * torch.tanh(logits / softcap) if softcap else logits).softmax(-1)
+                logits = softcap * torch.tanh(logits / softcap) if softcap else logits
+                if sinks is not None:  # the sink joins the softmax as an extra logit, then is dropped
+                    logits = torch.cat([logits, sinks[h : h + 1]])
+                w = logits.softmax(-1)[: int(seen.sum())]
                 torch.testing.assert_close(out[b, h, i], w @ vals[seen], atol=1e-5, rtol=1e-5)
                 if i >= 3 - n_obs:  # obs in candidate layout: entry (r * group + h % group, j) is slot (r, j)
                     for (r, j), weight in zip([s for s, x in zip(slots, seen, strict=True) if x], w, strict=True):
@@ -228,9 +283,17 @@ def test_compact_packed_keeps_the_global_top_with_a_floor_per_head():
         (torch.ops.kvpass.compact_packed.default,
          lambda: (torch.randn(B, HKV, 8, D), torch.randn(B, HKV, 8, D), *_packed_candidates()[:2],
                   torch.rand(B, HKV, 8), torch.rand(B, HKV, 8), 4, 5, 0.25)),
+        (torch.ops.kvpass.attend.default,
+         lambda: (*_rand(4, 6), torch.arange(6).expand(B, HKV, 6).contiguous(), 0.3, H2O().spec(), 0, 0.0,
+                  torch.randn(1, HQ, 1))),
+        (torch.ops.kvpass.attend_packed.default,
+         lambda: (*_rand(3, 8), *_packed_candidates()[:2], 0.3, SnapKV(window=2).spec(), 0.0, torch.randn(B, HQ, 3))),
+        (torch.ops.kvpass.attend.default,
+         lambda: (torch.randn(B, HQ, 4, 12), torch.randn(B, HKV, 6, 12), torch.randn(B, HKV, 6, D),
+                  torch.arange(6).expand(B, HKV, 6).contiguous(), 0.3, SnapKV(window=2).spec(), 0)),
     ],
     ids=["extend_meta", "attend", "score", "compact", "extend_packed_meta", "attend_packed", "attend_softcap",
-         "attend_packed_softcap", "compact_packed"],
+         "attend_packed_softcap", "compact_packed", "attend_sinks", "attend_packed_sinks", "attend_mla_values"],
 )
 def test_opcheck(op, args):
     torch.library.opcheck(op, args(), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
