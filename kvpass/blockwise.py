@@ -97,13 +97,21 @@ def rewrite_blocks(graph: fx.Graph, sites: list[AttentionSite], options: KVPassO
     with the capacities :class:`InsertKVEviction` gives each layer, then ``InsertKVEviction`` with the block
     inputs. Its inputs: the graph's own, the stores ``k_0, v_0, ...``, ``valid``, ``observe``, then the store
     metadata ``pos_0, acc_0, seen_0, ...``. Shared by the backend's block-wise prefill and ``kvpass export``."""
-    sliding = [site.layer for site in sites if site.window]
+    sliding = [site.layer for site in sites if site.window and not site.masked_window]
     if sliding:
         raise UnsupportedGraph(
             f"kvpass: option 'prefill_block'={options.prefill_block} does not support sliding-window layers (layers "
             f"{sliding}, window {sites[sliding[0]].window}): HF keeps those layers' window itself and sizes their "
             "masks from its own token counter, which the block graph's stores cannot follow. Leave 'prefill_block' "
             "unset for this model (its sliding layers are bounded by their window already)"
+        )
+    latent = [site.layer for site in sites if site.attn_keys is not None]
+    if latent:
+        raise UnsupportedGraph(
+            f"kvpass: option 'prefill_block'={options.prefill_block} does not support latent caches (layers {latent} "
+            "project their keys and values from a cached latent, as MLA does): the model's projection is traced for "
+            "the prompt's own length and cannot be run over a store plus a block. Leave 'prefill_block' unset for "
+            "this model"
         )
     seq = BlockwisePrefill.prompt_symbol(sites)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

@@ -20,8 +20,29 @@ def tiny_config(arch: str = "llama", attn: str = "sdpa", layers: int = 2, **over
                ("starcoder2", "Starcoder2", "ForCausalLM"), ("mixtral", "Mixtral", "ForCausalLM"),
                ("granite", "Granite", "ForCausalLM"), ("falcon", "Falcon", "ForCausalLM"),
                ("gpt2", "GPT2", "LMHeadModel"),
-               ("gpt_bigcode", "GPTBigCode", "ForCausalLM"), ("gemma2", "Gemma2", "ForCausalLM")]},
+               ("gpt_bigcode", "GPTBigCode", "ForCausalLM"), ("gemma2", "Gemma2", "ForCausalLM"),
+               # latent caches (MLA), learned attention sinks, hybrids with mamba / linear-attention / conv layers
+               ("deepseek_v3", "DeepseekV3", "ForCausalLM"), ("minicpm3", "MiniCPM3", "ForCausalLM"),
+               ("gpt_oss", "GptOss", "ForCausalLM"), ("granite_swa", "GraniteSWA", "ForCausalLM"),
+               ("falcon_h1", "FalconH1", "ForCausalLM"), ("qwen3_next", "Qwen3Next", "ForCausalLM"),
+               ("lfm2", "Lfm2", "ForCausalLM"), ("smollm3", "SmolLM3", "ForCausalLM"),
+               # no scale on the logits, a local layer's window in a bool buffer; heads folded into bmm's batch
+               ("gpt_neo", "GPTNeo", "ForCausalLM"), ("xglm", "XGLM", "ForCausalLM")]},
     }
+    # MLA: every head reads one latent (kv heads = heads); queries/keys of 8 + 8 dims, values of 12
+    mla = dict(num_key_value_heads=4, head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+               kv_lora_rank=16, q_lora_rank=16)
+    moe = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+               first_k_dense_replace=1, n_group=1, topk_group=1)
+    arch_settings = {"deepseek_v3": {**mla, **moe}, "minicpm3": mla, "gpt_oss": moe,
+                     "qwen3_next": {**moe, "layers": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                                    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "head_dim": 16},
+                     "lfm2": {"layer_types": ["conv", "full_attention"]},
+                     "gpt_neo": {"num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]],
+                                 "window_size": 8},
+                     "xglm": {"num_layers": 2, "d_model": 64, "attention_heads": 4, "ffn_dim": 128}}
+    overrides = {**arch_settings.get(arch, {}), **overrides}
+    layers = overrides.pop("layers", layers)
     config_cls, model_cls = classes[arch]
     settings = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

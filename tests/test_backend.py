@@ -54,9 +54,15 @@ def test_budget_covering_the_sequence_is_exact(arch, attn, batch, policy):
     assert report.graphs[1]["counters"]["decode_sites"] == 2
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma", "olmo2", "gpt_neox", "phi", "stablelm", "cohere",
-                                  "starcoder2", "mixtral", "granite", "falcon", "gpt2", "gpt_bigcode"])
+MORE_DECODERS = ["qwen3", "phi3", "gemma", "olmo2", "gpt_neox", "phi", "stablelm", "cohere", "starcoder2", "mixtral",
+                 "granite", "falcon", "gpt2", "gpt_bigcode", "smollm3",
+                 "deepseek_v3", "minicpm3",  # MLA: a latent cache, keys/values projected from it
+                 "falcon_h1", "qwen3_next", "lfm2"]  # hybrids: mamba, linear-attention or conv layers between
+
+
+@pytest.mark.parametrize("arch, attn", [(arch, attn) for arch in MORE_DECODERS for attn in ("sdpa", "eager")]
+                         + [("gpt_oss", "eager"), ("granite_swa", "eager"),  # learned attention sinks (eager only)
+                            ("gpt_neo", "eager"), ("xglm", "eager")])
 def test_more_hf_decoders_are_exact(arch, attn):
     """The rewrite is not tied to Llama's code: each of these decoders writes its cache and attends its own way."""
     model = tiny_model(arch, attn)
@@ -67,8 +73,31 @@ def test_more_hf_decoders_are_exact(arch, attn):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert [g["counters"]["decode_sites" if g["kind"] == "decode" else "prefill_sites"]
-            for g in kvpass.explain().graphs] == [2, 2]
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * 2
+    full_layers = sum(t == "full_attention" for t in layer_types)
+    if arch == "falcon_h1":  # (every layer holds attention beside its mamba mixer)
+        full_layers = 2
+    graphs = kvpass.explain().graphs
+    assert [g["counters"]["decode_sites" if g["kind"] == "decode" else "prefill_sites"] for g in graphs] == (
+        [full_layers] * len(graphs))
+    assert [g["kind"] for g in graphs][:2] == ["prefill", "decode"]
+    counters = graphs[0]["counters"]
+    if arch in ("deepseek_v3", "minicpm3"):
+        assert counters["latent_sites"] == 2
+    if arch in ("gpt_oss", "granite_swa"):
+        assert counters["sink_sites"] == 1  # (the other layer is a sliding-window layer, kept by HF)
+
+
+def test_a_window_only_the_mask_applies_is_kvpass_to_apply_and_evict():
+    # GPT-Neo's local layer masks an 8-token window with a bool buffer, but its cache keeps every token
+    model = tiny_model("gpt_neo", "eager")
+    ids, mask = padded_batch()
+    model.forward = compiled(model, policy="h2o", budget=64)
+    out = generate(model, ids, mask)
+    global_layer, local_layer = kvpass.kv_stats(out.past_key_values)
+    assert local_layer.real_tokens == 2 * 4 * 7  # batch x kv heads x (window - 1): the tokens a next query can see
+    assert global_layer.real_tokens == 4 * (23 + 30 + 2 * 7)  # every real token of both rows (nothing evicted)
+    assert "sliding window 8 (in the mask)" in str(kvpass.explain())
 
 
 def test_gemma2_soft_capped_eager_attention_is_exact_and_compresses():
@@ -239,13 +268,17 @@ def test_generate_with_compression_and_full_module_compile_agree():
     assert torch.equal(seq, out.sequences)
 
 
-def test_rope_uses_true_positions_after_eviction():
+@pytest.mark.parametrize("arch, attn", [("llama", "eager"), ("deepseek_v3", "sdpa"), ("deepseek_v3", "eager"),
+                                        ("gpt_oss", "eager"), ("granite_swa", "eager")])
+def test_eviction_equals_masking_the_evicted_tokens(arch, attn):
     """StreamingLLM's kept set is known in closed form, so an eager full-cache forward with a custom
-    mask hiding the evicted tokens must give the same logits — only if RoPE uses true positions."""
+    mask hiding the evicted tokens must give the same logits — only if RoPE uses true positions, a latent
+    cache's (MLA) kept slots project to those tokens' keys and values, and learned attention sinks are kept."""
     sinks, budget, prompt, steps = 4, 24, 60, 12
-    model = tiny_model(attn="eager")
+    full = {"layer_types": ["full_attention"] * 2} if arch in ("gpt_oss", "granite_swa") else {}
+    model = tiny_model(arch, attn, **full)
     ids, _ = padded_batch(length=prompt, batch=1)
-    ref_model = tiny_model(attn="eager")
+    ref_model = tiny_model(arch, attn, **full)
     model.forward = compiled(model, policy="streaming_llm", budget=budget, sinks=sinks)
     out = generate(model, ids, steps=steps)
     seq = out.sequences
@@ -257,6 +290,7 @@ def test_rope_uses_true_positions_after_eviction():
     logits = ref_model(seq, attention_mask=mask4d).logits
     for i in range(1, steps):
         torch.testing.assert_close(out.logits[i][0], logits[0, prompt + i - 1], atol=1e-4, rtol=1e-4)
+    assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [budget, budget]
 
 
 def test_fullgraph_and_ratio():
@@ -288,6 +322,15 @@ def test_graph_without_attention_is_an_error_unless_fallback_is_asked():
         warnings.simplefilter("always")
         fn(torch.randn(2, 4))
     assert any("WITHOUT KV compression" in str(w.message) for w in caught)
+
+
+def test_attention_weights_read_elsewhere_are_refused_by_name():
+    # output_attentions=True returns HF's own weights, which kvpass's attention over the store replaces
+    model = tiny_model(attn="eager")
+    forward = compiled(model, policy="h2o", budget=8)
+    with pytest.raises(Exception, match="output_attentions"):
+        forward(input_ids=torch.randint(0, 128, (1, 10)), use_cache=True, output_attentions=True,
+                position_ids=torch.arange(10)[None])
 
 
 def test_use_cache_false_is_refused_by_name():
@@ -419,6 +462,19 @@ def test_static_cache_with_sliding_window_layers_is_refused():
     with pytest.raises(Exception, match="sliding-window StaticCache layer"):
         forward(input_ids=torch.randint(0, 128, (1, 40)), past_key_values=StaticCache(config=config, max_cache_len=16),
                 position_ids=torch.arange(40)[None])
+
+
+def test_latent_cache_refuses_a_static_cache_and_head_adaptive_budgets_by_name():
+    model = tiny_model("deepseek_v3")
+    ids = torch.randint(1, 128, (1, 20))
+    model.forward = compiled(model, policy="h2o", budget=16)
+    with pytest.raises(Exception, match="latent cache, as MLA's, in a StaticCache"):
+        generate(model, ids, steps=2, past_key_values=StaticCache(config=model.config, max_cache_len=16))
+    torch._dynamo.reset()
+    model = tiny_model("deepseek_v3")
+    model.forward = compiled(model, policy="h2o", budget=16, head_budgets="adaptive")
+    with pytest.raises(Exception, match="keeps a latent cache"):
+        generate(model, ids, steps=2)
 
 
 def test_static_cache_sized_unlike_the_budget_is_refused_with_the_fix():

@@ -56,3 +56,11 @@ def test_conversation_turns_arguments_are_checked_before_loading_a_model(argv, m
     with pytest.raises(SystemExit):
         script("conversation_turns").main(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--types", "llama,lama"], "unknown model type(s) ['lama']"),
+                                           (["--timeout", "0"], "expected a positive integer, got '0'")])
+def test_decoder_coverage_arguments_are_checked_before_running(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        script("hf_decoder_coverage").main(argv)
+    assert message in capsys.readouterr().err

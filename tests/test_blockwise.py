@@ -49,6 +49,26 @@ def test_block_prefill_with_budget_covering_the_prompt_is_exact_for_every_length
     assert kvpass.explain().graphs[0]["counters"]["blocked_sites"] == 2
 
 
+def test_block_prefill_with_attention_sinks_is_exact():
+    # GPT-OSS's learned sinks join the softmax of every block's queries over store + block
+    full = {"layer_types": ["full_attention"] * 2}
+    model, ref_model = tiny_model("gpt_oss", "eager", **full), tiny_model("gpt_oss", "eager", **full)
+    model.forward = compiled(model, policy="snapkv", budget=128, prefill_block=16)
+    ids = torch.randint(1, 128, (1, 77), generator=torch.Generator().manual_seed(2))
+    ref, out = generate(ref_model, ids), generate(model, ids)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert [g["kind"] for g in kvpass.explain().graphs] == ["prefill-block", "decode"]
+
+
+def test_block_prefill_refuses_a_latent_cache_by_name():
+    model = tiny_model("deepseek_v3")
+    model.forward = compiled(model, policy="snapkv", budget=16, prefill_block=16)
+    with pytest.raises(Exception, match="does not support latent caches"):
+        generate(model, torch.randint(1, 128, (1, 40)), steps=2)
+
+
 def test_block_prefill_of_a_left_padded_batch_matches_every_real_token_logit():
     ids, mask = padded_batch(length=50, pad=13)
     ref = prefill(tiny_model().forward, tiny_model(), ids, mask)

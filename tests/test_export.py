@@ -29,10 +29,10 @@ def greedy(model, ids: list[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def compiled_tokens(options: dict) -> list[int]:
-    """Greedy tokens of the kvpass-compiled model (fp32), checked to differ from the uncompressed model's."""
+def compiled_tokens(options: dict, make=tiny_model) -> list[int]:
+    """Greedy tokens of the kvpass-compiled model ``make()`` (fp32), checked to differ from the uncompressed model's."""
     torch._dynamo.reset()
-    model = tiny_model()
+    model = make()
     full = greedy(model, prompt_ids())
     model.forward = torch.compile(model.forward, backend="kvpass", options={**options, "compiler": "aot_eager"})
     tokens = greedy(model, prompt_ids())
@@ -93,6 +93,22 @@ def test_head_adaptive_pt2_artifact_matches_compiled_model(tmp_path):
     options = {**OPTIONS, "head_budgets": "adaptive"}
     export(tiny_model(), tmp_path / "pt2", format="pt2", progress=False, **options)
     assert generate_in_fresh_process(tmp_path / "pt2") == compiled_tokens(options)
+
+
+@pytest.mark.parametrize("arch, attn", [("deepseek_v3", "sdpa"), ("granite_swa", "eager")])
+def test_pt2_artifact_of_a_latent_cache_or_with_attention_sinks_matches_compiled_model(arch, attn, tmp_path):
+    # dense layers only: an MoE layer calls transformers' own grouped-matmul op, which a loader without transformers
+    # cannot deserialize
+    full = {"first_k_dense_replace": 2} if arch == "deepseek_v3" else {
+        "layer_types": ["full_attention"] * 2, "initializer_range": 0.1}  # (at 0.02 its greedy tokens are constant)
+
+    def make():
+        return tiny_model(arch, attn, **full)
+
+    export(make(), tmp_path / "pt2", format="pt2", progress=False, **OPTIONS)
+    counters = json.loads((tmp_path / "pt2" / "kvpass_export.json").read_text())["counters"]["decode"]
+    assert counters["latent_sites" if arch == "deepseek_v3" else "sink_sites"] == 2
+    assert generate_in_fresh_process(tmp_path / "pt2") == compiled_tokens(OPTIONS, make)
 
 
 def test_jax_breaks_decode_eviction_ties_like_torch(tmp_path):

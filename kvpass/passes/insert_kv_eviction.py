@@ -38,14 +38,21 @@ class InsertKVEviction:
     Sliding-window sites (a DynamicCache layer that stores only its last ``window - 1`` tokens) are left to HF,
     counted as ``sliding_sites_kept``: HF's window is already a fixed-capacity store, and HF sizes those layers'
     masks from its own token counter, which a store compressed below the window could not match. A warning
-    says so where that window exceeds the layer's budget.
+    says so where that window exceeds the layer's budget. A window that only the attention's mask applies (GPT-Neo's
+    local layers, whose cache keeps every token) is kvpass's to apply: ``kvpass::attend`` masks it and
+    ``kvpass::compact`` drops the tokens it hides.
 
     Ensures: every other site's attention output comes from ``kvpass::attend`` (masking padding and empty
-    slots itself, RoPE untouched since keys are cached after rotation, a logit soft cap applied); every cache
+    slots itself, RoPE untouched since keys are cached after rotation, a logit soft cap and learned attention
+    sinks applied, counted as ``sink_sites``); every cache
     write that was ``cat(past, new)`` is replaced, *as a graph output only*, by the compacted store of exactly
     ``budget`` slots; per layer the graph takes (decode) and returns the store metadata
     ``pos [B,H_kv,budget]``, ``acc [B,H_kv,budget]``, ``seen [B]`` as extra trailing inputs/outputs,
     in layer order. ``counters`` counts rewritten sites by kind.
+
+    Latent caches (MLA: the cache holds a compressed latent and the rotary key, which the model projects to every
+    head's keys and values): the cached tensors are the store, scored, kept and evicted per (batch, latent head); the
+    model's own projection of the candidates is what ``kvpass::attend`` reads. Counted as ``latent_sites``.
 
     StaticCache sites: the cache's buffers are the store (capacity = their length, which must equal the
     largest layer budget). A first forward that allocates them gets the prefill rewrite, its store
@@ -72,7 +79,7 @@ class InsertKVEviction:
         self.counters: collections.Counter[str] = collections.Counter()
 
     def uuid(self) -> str:
-        return f"{type(self).__name__}:v1:{self.options.uuid()}"
+        return f"{type(self).__name__}:v2:{self.options.uuid()}"
 
     def __call__(self, graph: fx.Graph, sites: list[AttentionSite],
                  block: BlockInputs | None = None) -> list[LayerPlan]:
@@ -80,7 +87,7 @@ class InsertKVEviction:
         output = graph.output_node()
         plans, above_budget = [], []
         for site in sites:
-            if site.window:  # block graphs never get here: rewrite_blocks refuses sliding-window layers
+            if site.window and not site.masked_window:  # (block graphs never get here: rewrite_blocks refuses them)
                 self._keep_window(graph, site)
                 budget = self.budget(site, len(sites), node_value(site.q).shape[2], site.past_keys is not None)[0]
                 if site.window - 1 > budget:
@@ -131,6 +138,11 @@ class InsertKVEviction:
         budget, capacity = self.budget(site, n_layers, n_new, is_decode and block is None)
         spec = self.options.policy.spec()
         packed = self.options.head_budgets == "adaptive"
+        if packed and site.attn_keys is not None:
+            raise ValueError(
+                f"kvpass: head_budgets 'adaptive' shares a layer's slots among its kv heads, but layer {site.layer} "
+                f"keeps a latent cache ({node_value(site.key_write).shape[1]} head(s) of compressed keys and values "
+                "that every attention head reads: MLA); use head_budgets 'uniform'")
         if packed and site.static_writes:
             raise ValueError(
                 f"kvpass: head_budgets 'adaptive' packs each layer's heads into one DynamicCache store; layer "
@@ -174,13 +186,25 @@ class InsertKVEviction:
             else:
                 meta = g(torch.ops.kvpass.extend_meta.default, (pos, acc, seen, new_valid))
                 pos_all, acc_all, seen_all = (g(operator.getitem, (meta, i)) for i in range(3))
-            softcap = (site.softcap,) if site.softcap else ()
+            extra = (site.softcap,) if site.softcap else ()
+            if site.sinks is not None:
+                sinks = site.sinks
+                if len(node_value(sinks).shape) == 4:  # GPT-OSS's column [B, H_q, T, 1]
+                    sinks = g(operator.getitem, (sinks, (Ellipsis, 0)))
+                extra = (site.softcap, sinks)
+                self.counters["sink_sites"] += 1
+            attn_keys, attn_values, attn_pos = keys, values, pos_all
+            if site.attn_keys is not None:  # a latent cache: attend over the keys/values the model computes from it
+                attn_keys, attn_values = site.attn_keys, site.attn_values
+                attn_pos = self._pos_per_head(graph, pos_all, node_value(site.key_write).shape[1],
+                                              node_value(attn_keys).shape[1])
+                self.counters["latent_sites"] += 1
             if packed and is_decode:
                 attended = g(torch.ops.kvpass.attend_packed.default,
-                             (site.q, keys, values, pos_all, head_all, site.scale, spec, *softcap))
+                             (site.q, keys, values, pos_all, head_all, site.scale, spec, *extra))
             else:  # (a prefill's candidates are its own tokens: row r is head r, packed or not)
                 attended = g(torch.ops.kvpass.attend.default,
-                             (site.q, keys, values, pos_all, site.scale, spec, site.window, *softcap))
+                             (site.q, attn_keys, attn_values, attn_pos, site.scale, spec, site.window, *extra))
             out, obs = (g(operator.getitem, (attended, i)) for i in range(2))
             if block is not None:  # observation tokens: scored from, never kept, not part of the sequence
                 observed = g(torch.nn.functional.pad, (block.observe, (capacity, 0)), {"value": False})
@@ -203,6 +227,9 @@ class InsertKVEviction:
                 # detached: inference (the ops define no gradients), even where parameters require grad
                 graph.call_method("copy_", (site.keys, graph.call_method("detach", (k_store,))))
                 graph.call_method("copy_", (site.values, graph.call_method("detach", (v_store,))))
+        if node_value(site.attn).dim() == 3:  # heads folded into the batch for bmm (XGLM): [B * H_q, T, D_v]
+            with graph.inserting_before(site.attn):
+                out = graph.call_function(torch.flatten, (out, 0, 1))
         site.attn.replace_all_uses_with(out)
         graph.erase_node(site.attn)
         for write in site.static_writes or ():  # kvpass writes the buffers itself, after compaction
@@ -218,6 +245,16 @@ class InsertKVEviction:
         past_index = placeholders.index(site.past_keys) if is_decode else None
         return LayerPlan(site.layer, budget, capacity, past_index, state_inputs,
                          (pos_store, acc_store, seen_all), static=bool(site.static_writes))
+
+    @staticmethod
+    def _pos_per_head(graph: fx.Graph, pos: fx.Node, store_heads: int, attn_heads: int) -> fx.Node:
+        """Store metadata ``[B, H_store, N]`` for the ``H_attn`` heads a latent cache's keys are computed for (each
+        store head serves ``H_attn / H_store`` of them, in order)."""
+        if store_heads == attn_heads:
+            return pos
+        if store_heads == 1:
+            return graph.call_method("expand", (pos, -1, attn_heads, -1))
+        return graph.call_function(torch.repeat_interleave, (pos, attn_heads // store_heads), {"dim": 1})
 
     @staticmethod
     def _adopt_static(graph: fx.Graph, site: AttentionSite, pos, acc, seen, new_valid, placeholders):
