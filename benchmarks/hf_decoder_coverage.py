@@ -2,12 +2,14 @@
 
 For each model type (``--types``, default: every type in transformers' causal-LM auto mapping) and attention
 implementation (sdpa, eager), a fresh process builds a tiny random-weight config (4 layers, width 64; sizes are
-overridden where the config names them: MLA configs get one latent head per query head, MoE configs 4 experts) and
-runs two generations of a left-padded batch of 2 (30-token prompts, 8 new tokens) through ``backend="kvpass"``
-(``aot_eager``):
+overridden where the config or a sub-config (text_config, vision_config, ...) names them: MLA configs get one latent
+head per query head, MoE configs 4 experts, BERT-style configs ``is_decoder``) and runs two generations of a
+left-padded batch of 2 (30-token prompts, 8 new tokens) through ``backend="kvpass"`` (``aot_eager``):
 
 * exact: H2O with budget 64, which covers the sequence: greedy tokens equal HF's and fp32 logits within 1e-5;
-* compressed: budget 16, which evicts: the KV slots each layer holds afterwards and the number of compiles.
+* compressed: budget 16, which evicts: the KV slots each layer holds afterwards and the number of compiles (a layer
+  kvpass leaves to HF, such as a sliding-window one, grows by a token per step: one dynamic-shape recompile, as
+  under plain ``torch.compile``).
 
 Each row ends as ``exact``, ``mismatch`` (the largest logit difference), ``refused`` (kvpass's error, quoted:
 a form kvpass does not compress, refused by name rather than left uncompressed), ``error`` (any other failure under
@@ -27,6 +29,8 @@ import argparse
 import collections
 import json
 import platform
+import re
+import resource
 import subprocess
 import sys
 import time
@@ -36,6 +40,7 @@ from pathlib import Path
 from kvpass.cli import positive_int
 
 ATTENTION = ("sdpa", "eager")
+MEMORY_LIMIT = 8 << 30  # bytes of address space per model type
 # tiny sizes, applied to the keys a config has (several spellings: GPT-2/J/Neo, XGLM, BLOOM-era configs)
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
@@ -44,7 +49,8 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             n_routed_experts=4, moe_intermediate_size=32, num_experts_per_tok=2, shared_expert_intermediate_size=32,
             n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=16, linear_value_head_dim=16, tie_word_embeddings=False)
+            linear_key_head_dim=16, linear_value_head_dim=16, tie_word_embeddings=False,
+            is_decoder=True)  # BERT-style configs: causal, with a cache (HF warns their causal LMs need it)
 
 
 def causal_lm_types() -> list[str]:
@@ -57,9 +63,12 @@ def tiny_model(model_type: str, attn: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    keys = set(AutoConfig.for_model(model_type).to_dict())
-    sizes = {k: v for k, v in TINY.items() if k in keys}
-    if "kv_lora_rank" in keys:  # MLA: every query head reads the one latent; the rotary part sets head_dim
+    default = AutoConfig.for_model(model_type).to_dict()
+    sizes = {k: v for k, v in TINY.items() if k in default}
+    # sub-configs (text_config, vision_config, ...) shrink the same way: a full-size vision tower fills memory
+    sizes.update({name: {k: v for k, v in TINY.items() if k in sub} for name, sub in default.items()
+                  if isinstance(sub, dict) and TINY.keys() & sub.keys()})
+    if "kv_lora_rank" in default:  # MLA: every query head reads the one latent; the rotary part sets head_dim
         sizes.update(num_key_value_heads=sizes.get("num_attention_heads", 4), head_dim=TINY["qk_rope_head_dim"])
     config = AutoConfig.for_model(model_type, **sizes)
     torch.manual_seed(0)
@@ -70,6 +79,12 @@ def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     message = next((line for line in text if "kvpass:" in line), text[0] if text else type(err).__name__)
     return f"{type(err).__name__}: {message[message.find('kvpass:') if 'kvpass:' in message else 0:][:300]}"
+
+
+def crash(returncode: int, stderr: str) -> str:
+    """Why a ``--one`` process printed no rows: its last exception line (not a trailing warning), or its exit."""
+    raised = [line for line in stderr.splitlines() if re.match(r"[\w.]+(Error|Exception|Interrupt)\b", line)]
+    return (raised[-1] if raised else f"process died (exit {returncode})")[:300]
 
 
 def check(model_type: str, attn: str) -> dict:
@@ -139,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.one:
         warnings.filterwarnings("ignore")
+        # a config that is large even with tiny sizes fails here with MemoryError, not by the OOM killer elsewhere
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
         print(json.dumps([check(args.one, attn) for attn in ATTENTION]))
         return 0
     known = causal_lm_types()
@@ -157,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                  timeout=args.timeout)
             found = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("[")]
             rows += found[-1] if found else [{"type": model_type, "attn": a, "status": "error",
-                                              "error": (run.stderr.strip().splitlines() or ["crashed"])[-1][:300]}
-                                             for a in ATTENTION]
+                                              "error": crash(run.returncode, run.stderr)} for a in ATTENTION]
         except subprocess.TimeoutExpired:
             rows += [{"type": model_type, "attn": a, "status": "error", "error": f"timeout {args.timeout}s"}
                      for a in ATTENTION]
