@@ -3,8 +3,10 @@
 For each model type (``--types``, default: every type in transformers' causal-LM auto mapping) and attention
 implementation (sdpa, eager), a fresh process builds a tiny random-weight config (4 layers, width 64; sizes are
 overridden where the config or a sub-config (text_config, vision_config, ...) names them: MLA configs get one latent
-head per query head, MoE configs 4 experts, BERT-style configs ``is_decoder``) and runs two generations of a
-left-padded batch of 2 (30-token prompts, 8 new tokens) through ``backend="kvpass"`` (``aot_eager``):
+head per query head, MoE configs 4 experts, BERT-style configs ``is_decoder``; a per-layer kind list cycles through
+its kinds, so a hybrid's tiny layers hold attention and a sliding-window model's a full-attention layer) and runs two
+generations of a left-padded batch of 2 (30-token prompts, 8 new tokens) through ``backend="kvpass"``
+(``aot_eager``):
 
 * exact: H2O with budget 64, which covers the sequence: greedy tokens equal HF's and fp32 logits within 1e-5;
 * compressed: budget 16, which evicts: the KV slots each layer holds afterwards and the number of compiles (a layer
@@ -50,7 +52,9 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4,
             linear_key_head_dim=16, linear_value_head_dim=16, tie_word_embeddings=False,
-            is_decoder=True)  # BERT-style configs: causal, with a cache (HF warns their causal LMs need it)
+            is_decoder=True,  # BERT-style configs: causal, with a cache (HF warns their causal LMs need it)
+            attn_layer_period=2, attn_layer_offset=1, attn_layer_indices=[1, 3])  # hybrids: attention in 2 of 4 layers
+LAYER_KINDS = ("layer_types", "layers_block_type")  # per-layer kind lists (attention, sliding, linear, mamba, ...)
 
 
 def causal_lm_types() -> list[str]:
@@ -59,14 +63,25 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def tiny_sizes(config: dict) -> dict:
+    """TINY's keys the config has; a per-layer kind list cycles through every kind the full list holds, so the 4
+    tiny layers mix them (a hybrid's first 4 layers may hold no attention, a sliding model's no full attention)."""
+    sizes = {k: v for k, v in TINY.items() if k in config}
+    for key in LAYER_KINDS:
+        if isinstance(config.get(key), list) and config[key]:
+            kinds = list(dict.fromkeys(config[key]))
+            sizes[key] = [kinds[i % len(kinds)] for i in range(TINY["num_hidden_layers"])]
+    return sizes
+
+
 def tiny_model(model_type: str, attn: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     default = AutoConfig.for_model(model_type).to_dict()
-    sizes = {k: v for k, v in TINY.items() if k in default}
+    sizes = tiny_sizes(default)
     # sub-configs (text_config, vision_config, ...) shrink the same way: a full-size vision tower fills memory
-    sizes.update({name: {k: v for k, v in TINY.items() if k in sub} for name, sub in default.items()
+    sizes.update({name: tiny_sizes(sub) for name, sub in default.items()
                   if isinstance(sub, dict) and TINY.keys() & sub.keys()})
     if "kv_lora_rank" in default:  # MLA: every query head reads the one latent; the rotary part sets head_dim
         sizes.update(num_key_value_heads=sizes.get("num_attention_heads", 4), head_dim=TINY["qk_rope_head_dim"])

@@ -24,6 +24,12 @@ def test_sub_configs_are_shrunk_too():
     assert model.config.vision_config.hidden_size == 64 and model.config.text_config.num_hidden_layers == 4
 
 
+def test_per_layer_kinds_cycle_so_the_tiny_layers_mix_them():
+    # Jamba-style hybrids put their first attention layer past the 4th; Gemma-3 its first full-attention layer
+    sizes = coverage.tiny_sizes({"layer_types": ["mamba"] * 5 + ["attention"], "hidden_size": 2048})
+    assert sizes == {"layer_types": ["mamba", "attention", "mamba", "attention"], "hidden_size": 64}
+
+
 def test_a_crash_is_reported_by_its_exception_not_a_trailing_warning():
     stderr = "Traceback (most recent call last):\nRuntimeError: boom\n[transformers] `cache_params` is deprecated."
     assert coverage.crash(1, stderr) == "RuntimeError: boom"
