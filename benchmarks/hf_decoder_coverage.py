@@ -13,11 +13,12 @@ generations of a left-padded batch of 2 (30-token prompts, 8 new tokens) through
   kvpass leaves to HF, such as a sliding-window one, grows by a token per step: one dynamic-shape recompile, as
   under plain ``torch.compile``).
 
-Each row ends as ``exact``, ``mismatch`` (the largest logit difference), ``refused`` (kvpass's error, quoted:
-a form kvpass does not compress, refused by name rather than left uncompressed), ``error`` (any other failure under
-kvpass), ``compile-error`` (plain ``torch.compile(backend="aot_eager")`` of the model fails the same way: Dynamo
-cannot trace it, whatever the backend), or ``hf-error`` (HF itself cannot build or run the tiny config with that
-attention implementation: a config that needs more than sizes, an implementation the model does not offer).
+Each row ends as ``exact``, ``mismatch`` (the largest logit difference, and the padded row's difference from HF
+generating that row alone, for kvpass and for HF: which of the two mishandles the padding), ``refused`` (kvpass's
+error, quoted: a form kvpass does not compress, refused by name rather than left uncompressed), ``error`` (any other
+failure under kvpass), ``compile-error`` (plain ``torch.compile(backend="aot_eager")`` of the model fails the same
+way: Dynamo cannot trace it, whatever the backend), or ``hf-error`` (HF itself cannot build or run the tiny config
+with that attention implementation: a config that needs more than sizes, an implementation the model does not offer).
 Figures go to BENCHMARKS.md.
 
     python benchmarks/hf_decoder_coverage.py --out results/coverage.json            # about 2 h on 2 CPU cores
@@ -102,6 +103,13 @@ def crash(returncode: int, stderr: str) -> str:
     return (raised[-1] if raised else f"process died (exit {returncode})")[:300]
 
 
+def max_logit_diff(out, ref, row: int | None = None) -> float:
+    """Largest logit difference over the generated steps: all rows, or batch ``row`` of ``out`` against ``ref``'s
+    only row."""
+    pairs = zip(out.logits, ref.logits, strict=True)
+    return max(float((a - b if row is None else a[row] - b[0]).abs().max()) for a, b in pairs)
+
+
 def check(model_type: str, attn: str) -> dict:
     """One row: build, run HF, then kvpass exact and compressed."""
     import torch
@@ -116,7 +124,7 @@ def check(model_type: str, attn: str) -> dict:
         mask = torch.ones_like(ids)
         mask[0, :7], ids[0, :7] = 0, 0  # left padding
 
-        def generate():
+        def generate(ids=ids, mask=mask):
             return model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                                   return_dict_in_generate=True, output_logits=True)
 
@@ -137,13 +145,18 @@ def check(model_type: str, attn: str) -> dict:
                                           options={"policy": "h2o", "budget": budget, "compiler": "aot_eager"})
             out = generate()
             if budget == 64:
-                diff = max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits, strict=True))
+                diff = max_logit_diff(out, ref)
                 same = bool(torch.equal(out.sequences, ref.sequences))
                 graphs = kvpass.explain().graphs
                 row.update(status="exact" if same and diff <= 1e-5 else "mismatch", max_logit_diff=diff,
                            tokens_equal=same, sites=[len(g["budgets"]) for g in graphs][:1],
                            rewritten=[g["counters"].get("prefill_sites", 0) for g in graphs][:1],
                            counters={k: v for k, v in graphs[0]["counters"].items() if v})
+                if row["status"] == "mismatch":  # whose decode is wrong? alone, the padded row has no padding
+                    model.forward, real = forward, mask[0].bool()
+                    alone = generate(ids[:1, real], mask[:1, real])
+                    row.update(padded_row_vs_hf_alone={"kvpass": max_logit_diff(out, alone, row=0),
+                                                       "hf": max_logit_diff(ref, alone, row=0)})
             else:
                 row.update(compressed_slots=[s.slots for s in kvpass.kv_stats(out.past_key_values)],
                            compressed_compiles=len(compiles))
@@ -195,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                      for a in ATTENTION]
         for row in rows[-2:]:
             detail = row.get("error", f"max diff {row.get('max_logit_diff', 0):.1e}, compressed slots "
-                                      f"{row.get('compressed_slots')}, {row.get('compressed_compiles')} compiles")
+                                      f"{row.get('compressed_slots')}, {row.get('compressed_compiles')} compiles"
+                                      + (f", padded row vs HF alone {row['padded_row_vs_hf_alone']}"
+                                         if "padded_row_vs_hf_alone" in row else ""))
             print(f"{row['type']:18s} {row['attn']:5s} {row['status']:8s} {detail}", flush=True)
         if args.out:
             write(args.out, rows)

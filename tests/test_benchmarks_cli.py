@@ -59,7 +59,8 @@ def test_conversation_turns_arguments_are_checked_before_loading_a_model(argv, m
 
 
 @pytest.mark.parametrize("argv, message", [(["--types", "llama,lama"], "unknown model type(s) ['lama']"),
-                                           (["--timeout", "0"], "expected a positive integer, got '0'")])
+                                           (["--timeout", "0"], "expected a positive integer, got '0'"),
+                                           (["--resume"], "--resume needs an existing --out file; got no --out")])
 def test_decoder_coverage_arguments_are_checked_before_running(argv, message, capsys):
     with pytest.raises(SystemExit):
         script("hf_decoder_coverage").main(argv)
