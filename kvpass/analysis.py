@@ -297,29 +297,19 @@ def _sink_scaled_output(logits: fx.Node, pv: fx.Node) -> tuple[fx.Node, fx.Node]
     if not (sub.op == "call_function" and sub.target in SUB_TARGETS and sub.args[0] is lse
             and isinstance(sub.args[1], fx.Node)):
         return None
-    node = sub
+    node, through_sigmoid = sub, False
     passing = SIGMOID_TARGETS | {torch.unsqueeze, aten.unsqueeze.default, aten.to.dtype, aten._to_copy.default}
     while len(_live_users(node)) == 1:
         (node,) = _live_users(node)
-        if node.op == "call_method" and node.target in POST_SOFTMAX_METHODS | {"unsqueeze", "sigmoid"}:
-            continue
-        if node.op == "call_function" and node.target in passing:
+        if node.op == "call_method" and node.target in POST_SOFTMAX_METHODS | {"unsqueeze", "sigmoid"} or (
+                node.op == "call_function" and node.target in passing):
+            through_sigmoid |= node.target in SIGMOID_TARGETS or node.target == "sigmoid"
             continue
         break
     if not (node.op == "call_function" and node.target in MUL_TARGETS and pv in node.args
             and len(_live_users(pv)) == 1):
         return None
-    through_sigmoid = any(
-        n.target in SIGMOID_TARGETS or n.target == "sigmoid" for n in _between(sub, node))
     return (node, sub.args[1]) if through_sigmoid else None
-
-
-def _between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
-    """The single-user chain of nodes from ``first`` to ``last`` (inclusive)."""
-    chain = [first]
-    while chain[-1] is not last and len(_live_users(chain[-1])) == 1:
-        chain.append(_live_users(chain[-1])[0])
-    return chain
 
 
 def _inside(first: fx.Node, last: fx.Node) -> set[fx.Node]:

@@ -50,18 +50,14 @@ def test_question_agnostic_methods_are_checked_before_loading_a_model(method, me
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [(["--modes", "kvpass,tokenwise"], "unknown mode(s) ['tokenwise']"),
-                                           (["--follow-up", "0"], "expected a positive integer, got '0'")])
-def test_conversation_turns_arguments_are_checked_before_loading_a_model(argv, message, capsys):
+@pytest.mark.parametrize("name, argv, message", [
+    ("conversation_turns", ["--modes", "kvpass,tokenwise"], "unknown mode(s) ['tokenwise']"),
+    ("conversation_turns", ["--follow-up", "0"], "expected a positive integer, got '0'"),
+    ("hf_decoder_coverage", ["--types", "llama,lama"], "unknown model type(s) ['lama']"),
+    ("hf_decoder_coverage", ["--timeout", "0"], "expected a positive integer, got '0'"),
+    ("hf_decoder_coverage", ["--resume"], "--resume needs an existing --out file; got no --out"),
+])
+def test_arguments_are_checked_before_loading_a_model(name, argv, message, capsys):
     with pytest.raises(SystemExit):
-        script("conversation_turns").main(argv)
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, message", [(["--types", "llama,lama"], "unknown model type(s) ['lama']"),
-                                           (["--timeout", "0"], "expected a positive integer, got '0'"),
-                                           (["--resume"], "--resume needs an existing --out file; got no --out")])
-def test_decoder_coverage_arguments_are_checked_before_running(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        script("hf_decoder_coverage").main(argv)
+        script(name).main(argv)
     assert message in capsys.readouterr().err
