@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kvpass.cli import positive_int
+from kvpass.apps.cli import positive_int
 
 MODES = ("full", "kvpass", "kvpass-tokenwise")
 
@@ -39,7 +39,7 @@ def conversation(forward, model, context: list[int], follow_ups: list[list[int]]
                  tokenwise: bool) -> list[dict]:
     """Run one conversation; one record per turn (turn 0: the context)."""
     from kvpass import kv_stats
-    from kvpass.eval.runner import cache_bytes, greedy_generate, new_cache
+    from kvpass.apps.eval.runner import cache_bytes, greedy_generate, new_cache
 
     cache = new_cache(model)
     first = greedy_generate(forward, model, context, generate, cache=cache)
@@ -53,7 +53,7 @@ def conversation(forward, model, context: list[int], follow_ups: list[list[int]]
             with torch.inference_mode():
                 for j, token in enumerate(prompt[:-1]):
                     forward(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[fed + j]]),
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                            cache=cache, use_cache=True, logits_to_keep=1)
             prompt_start, prompt = fed + len(prompt) - 1, prompt[-1:]
         else:
             prompt_start = fed

@@ -32,7 +32,7 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 import kvpass
-from kvpass.cli import positive_int
+from kvpass.apps.cli import positive_int
 
 
 def _positive_list(text: str) -> list[int]:
@@ -79,14 +79,14 @@ def run_row(row: dict) -> dict:
             cache = DynamicCache(config=model.config)
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = forward(input_ids=ids, past_key_values=cache, position_ids=torch.arange(row["context"])[None],
+            logits = forward(input_ids=ids, cache=cache, position_ids=torch.arange(row["context"])[None],
                              use_cache=True, logits_to_keep=1).logits
             prefill = time.perf_counter() - start
             times = []
             for step in range(steps):
                 token = logits[:, -1:].argmax(-1)
                 t0 = time.perf_counter()
-                logits = forward(input_ids=token, past_key_values=cache,
+                logits = forward(input_ids=token, cache=cache,
                                  position_ids=torch.tensor([[row["context"] + step]]), use_cache=True).logits
                 times.append(time.perf_counter() - t0)
         return prefill, times, cache, time.perf_counter() - start

@@ -35,8 +35,8 @@ from kvpass.models.data.arithmetic import EOS, arithmetic_problems, chance_accur
 from kvpass.models.llada import load_llada
 from kvpass.models.llada_generate import generate_dual_cache, generate_llada, generate_window
 
-from kvpass.cli import non_negative_int, positive_int
-from kvpass.elastic import ElasticCacheGenerator, ElasticConfig
+from kvpass.apps.cli import non_negative_int, positive_int
+from kvpass.apps.elastic import ElasticCacheGenerator, ElasticConfig
 
 
 def agreement(ref: torch.Tensor, out: torch.Tensor, plen: int) -> tuple[int, int]:

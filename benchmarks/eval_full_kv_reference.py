@@ -1,6 +1,6 @@
 """Full-KV reference rows: how well the shipped models do on the generated benchmarks, uncompressed.
 
-Runs :func:`kvpass.eval.run_grid` with only the ``"full"`` policy (eager HF forward, DynamicCache),
+Runs :func:`kvpass.apps.eval.run_grid` with only the ``"full"`` policy (eager HF forward, DynamicCache),
 then prints the grid table and a per-context-length breakdown. Every accuracy target of a
 compressed policy is read against these rows.
 
@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from kvpass.eval import BENCHMARKS, BenchConfig, format_table, run_grid
+from kvpass.apps.eval import BENCHMARKS, BenchConfig, format_table, run_grid
 
 
 def _csv(kind: type) -> object:

@@ -40,7 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
-from kvpass.cli import positive_int
+from kvpass.apps.cli import positive_int
 
 ATTENTION = ("sdpa", "eager")
 MEMORY_LIMIT = 8 << 30  # bytes of address space per model type
@@ -158,7 +158,7 @@ def check(model_type: str, attn: str) -> dict:
                     row.update(padded_row_vs_hf_alone={"kvpass": max_logit_diff(out, alone, row=0),
                                                        "hf": max_logit_diff(ref, alone, row=0)})
             else:
-                row.update(compressed_slots=[s.slots for s in kvpass.kv_stats(out.past_key_values)],
+                row.update(compressed_slots=[s.slots for s in kvpass.kv_stats(out.cache)],
                            compressed_compiles=len(compiles))
     except Exception as err:  # noqa: BLE001
         row.update(status="refused" if "kvpass:" in str(err) else "error", error=first_line(err))

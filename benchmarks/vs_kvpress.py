@@ -272,7 +272,7 @@ def cache_position_hooks(model: torch.nn.Module) -> Iterator[None]:
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         if kwargs.get("cache_position") is None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
             kwargs["cache_position"] = torch.arange(past, past + hidden.shape[1], device=hidden.device)
         return args, kwargs
@@ -323,7 +323,7 @@ def kvpass_forward(model: torch.nn.Module, policy: str, budget: int, compiler: s
 
 def kvpass_kept(cache: Any) -> list[torch.Tensor]:
     """Per layer, the kept logical positions ``[B, H_kv, C]`` (-1: empty slot) from kvpass's session."""
-    from kvpass.session import find_session
+    from kvpass.runtime.state import find_session
 
     out = []
     for i, layer in enumerate(cache.layers):
@@ -379,7 +379,7 @@ def kvpress_prefill_kept(
     press.score = score
     cache = new_cache(model)
     with cache_position_hooks(model), kp.attention_patch(), press(model):
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     n_layers = len(cache.layers)
     if sorted(record.kept) != list(range(n_layers)):
         got = sorted(record.kept)
@@ -396,9 +396,9 @@ def kvpress_prefill_kept(
 @torch.inference_mode()
 def kvpass_prefill_kept(forward: Callable[..., Any], model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     t = ids.shape[1]
-    out = forward(input_ids=ids, past_key_values=new_cache(model), use_cache=True, logits_to_keep=1,
+    out = forward(input_ids=ids, cache=new_cache(model), use_cache=True, logits_to_keep=1,
                   position_ids=torch.arange(t, device=ids.device)[None])
-    return kvpass_kept(out.past_key_values)
+    return kvpass_kept(out.cache)
 
 
 def compare_sets(
@@ -568,19 +568,19 @@ def timed_generate(
     g0 = graphs_compiled()
     t0 = time.perf_counter()
     with prefill_context():
-        out = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        out = forward(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1,
                       position_ids=torch.arange(t_len)[None])
     nxt = out.logits[:, -1].argmax(-1)
     prefill_s = time.perf_counter() - t0
-    cache = out.past_key_values if out.past_key_values is not None else cache
+    cache = out.cache if out.cache is not None else cache
     kv_mib, slots = _kv_mib(cache)
     tokens = [int(nxt)]
     steps: list[float] = []
     for i in range(new_tokens):
         ts = time.perf_counter()
-        out = forward(input_ids=nxt[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1,
+        out = forward(input_ids=nxt[:, None], cache=cache, use_cache=True, logits_to_keep=1,
                       position_ids=torch.tensor([[t_len + i]]))
-        cache = out.past_key_values if out.past_key_values is not None else cache
+        cache = out.cache if out.cache is not None else cache
         nxt = out.logits[:, -1].argmax(-1)
         tokens.append(int(nxt))
         steps.append(time.perf_counter() - ts)

@@ -1,6 +1,6 @@
 """Elastic-Cache layer attention with its fused drift test: ``kvpass::elastic_attend``.
 
-Implements ``kvpass.ops_dllm.elastic_attend_reference`` (one diffusion-LM layer under Elastic-Cache,
+Implements ``kvpass.ops.dllm.elastic_attend_reference`` (one diffusion-LM layer under Elastic-Cache,
 multi-head, bidirectional: no mask, default scale ``D**-0.5``) without materializing any query×key
 matrix, not even the tracked tokens' attention rows:
 
@@ -288,7 +288,7 @@ def elastic_attend(
     wrap: Callable | None = None, out: torch.Tensor | None = None, score: torch.Tensor | None = None,
     cos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``kvpass::elastic_attend`` (same contract as ``kvpass.ops_dllm.elastic_attend_reference``).
+    """``kvpass::elastic_attend`` (same contract as ``kvpass.ops.dllm.elastic_attend_reference``).
 
     Returns ``(out [B,H,Q,D], k_cache', v_cache', q_cache', sim [], track_score [N])``, ``sim`` and
     ``track_score`` in q's dtype (computed in float32). ``config``: launch config (default: the tune cache,

@@ -10,14 +10,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kvpass.analysis import UnsupportedGraph
 from kvpass.config import KVPassOptions, parse_options
+from kvpass.errors import KVPassError, OptionError, UnsupportedGraph
 from kvpass.policies import POLICIES
-from kvpass.report import explain, kv_stats
+from kvpass.runtime.blockwise import observing
+from kvpass.runtime.report import explain, kv_stats
 
 __version__ = "0.1.0"
-__all__ = ["POLICIES", "CompressedCache", "KVPassOptions", "UnsupportedGraph", "explain", "export", "kv_stats", "load",
-           "parse_options"]
+__all__ = ["POLICIES", "CompressedCache", "KVPassError", "KVPassOptions", "OptionError", "UnsupportedGraph", "explain",
+           "export", "kv_stats", "load", "observing", "parse_options"]
 
 
 def export(model: Any, out: str | os.PathLike, **kwargs: Any) -> Path:
@@ -36,7 +37,7 @@ def load(path: str | os.PathLike) -> Any:
 
 def __getattr__(name: str) -> Any:
     if name == "CompressedCache":  # imported on first use: it subclasses transformers' DynamicCache
-        from kvpass.cache import CompressedCache
+        from kvpass.runtime.cache import CompressedCache
 
         return CompressedCache
     raise AttributeError(f"module 'kvpass' has no attribute {name!r}")

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from kvpass.analysis import UnsupportedGraph, find_attention_sites, node_value
-from kvpass.blockwise import BlockwiseRunner, rewrite_blocks
-from kvpass.config import parse_options
+from kvpass.analysis import find_attention_sites, node_value
+from kvpass.config import KVPassOptions, parse_options
+from kvpass.errors import UnsupportedGraph
 from kvpass.lowering import compile_graph, triton_lowering
-from kvpass.passes import InsertKVEviction
-from kvpass.session import GraphRecord, session_for
+from kvpass.passes import InsertKVEviction, LayerPlan
+from kvpass.passes.block_graph import rewrite_blocks
+from kvpass.runtime.blockwise import BlockwiseRunner
+from kvpass.runtime.state import GraphRecord, attach_states, state_inputs, store_state
 
 
 def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None) -> Callable:
@@ -49,15 +51,13 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
             f"kvpass: option 'prefill_block'={opts.prefill_block} needs the default DynamicCache; this forward writes "
             "a StaticCache, whose buffers are already the fixed-capacity store"
         )
-    session = session_for(opts, options)
     if _blockwise(opts, sites):
-        return _compile_blockwise(gm, example_inputs, sites, opts, session)
+        return _compile_blockwise(gm, example_inputs, sites, opts)
     n_outputs = len(gm.graph.output_node().args[0])
-    rewrite = InsertKVEviction(opts, session.prefill_budgets)
+    rewrite = InsertKVEviction(opts, _store_budgets(gm, sites, example_inputs))
     plans = rewrite(gm.graph, sites)
     gm.recompile()
     store_outputs = _store_outputs(gm, plans, n_outputs)
-    key_output_index = {layer: k for layer, (k, _) in store_outputs.items()}
     state_examples = []
     for plan in plans:
         if plan.past_index is None:
@@ -72,28 +72,53 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
     # chunk queries with Python ranges, which a symbolic count cannot drive
     static_step = isinstance(node_value(sites[0].q).shape[2], int)
     compiled = _compile(gm, [*example_inputs, *state_examples], opts, inline_ops=decode and static_step)
-    if not decode:
-        session.prefill_budgets = {p.layer: (p.budget, p.capacity) for p in plans}
-    session.graphs.append(GraphRecord.of("decode" if decode else "prefill", sites, plans, rewrite.counters))
+    record = GraphRecord.of("decode" if decode else "prefill", opts.policy.spec(), sites, plans, rewrite.counters)
     appended = node_value(sites[0].q).shape[2]
     # a multi-token forward over stores (a chat turn) is where a caller can lose count of a compressed cache's tokens
     continues = next((i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if "position_ids" in n.name), None)
     first_store = next((p for p in plans if p.past_index is not None), None)
     if not decode or first_store is None or first_store.static or appended == 1:
         continues = None
+    return StoreGraph(compiled, plans, n_outputs, store_outputs, record, opts.head_budgets == "adaptive", continues)
 
-    def run(*args):
-        state = session.state_inputs(plans, args)
-        if continues is not None:
-            check_continuation(args[continues], state[2], args[first_store.past_index].shape[2])
-        outs = compiled(*args, *state)
-        stores = {layer: outs[k] for layer, k in key_output_index.items()}
+
+class StoreGraph:
+    """Runs a compiled prefill or decode graph: reads each store's state off the store it receives, and attaches
+    the new state to the store the cache will hold (:mod:`kvpass.runtime.state`). Holds no state of any cache."""
+
+    def __init__(self, compiled: Callable, plans: list[LayerPlan], n_outputs: int,
+                 store_outputs: dict[int, tuple[int, int]], record: GraphRecord, packed: bool,
+                 continues: int | None) -> None:
+        self.compiled, self.plans, self.n_outputs, self.record, self.packed = compiled, plans, n_outputs, record, packed
+        self.key_outputs = {layer: k for layer, (k, _) in store_outputs.items()}
+        self.continues = continues  # index of position_ids, checked against the stores' counts (None: not checked)
+        self.first_store = next((p for p in plans if p.past_index is not None), None)
+
+    def __call__(self, *args):
+        state, previous = state_inputs(self.plans, args, self.record, self.packed)
+        if self.continues is not None:
+            check_continuation(args[self.continues], state[2], args[self.first_store.past_index].shape[2])
+        outs = self.compiled(*args, *state)
+        stores = {layer: outs[k] for layer, k in self.key_outputs.items()}
         # a StaticCache's buffers were written in place: the store is the input
-        stores.update({p.layer: args[p.past_index] for p in plans if p.layer not in stores})
-        session.update(plans, outs, n_outputs, stores)
-        return outs[:n_outputs]
+        stores.update({p.layer: args[p.past_index] for p in self.plans if p.layer not in stores})
+        attach_states(self.plans, outs, self.n_outputs, stores, self.record, self.packed, previous)
+        return outs[: self.n_outputs]
 
-    return run
+
+def _store_budgets(gm: fx.GraphModule, sites, example_inputs: list) -> dict[int, tuple[int, int]]:
+    """(budget, slots) of each store this graph receives that kvpass produced: the tokens its state says it keeps
+    (option 'ratio' sizes budgets by the prompt, so a decode step keeps what the prefill chose)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    budgets = {}
+    for site in sites:
+        if site.past_keys is None or site.past_keys not in placeholders:
+            continue
+        store = example_inputs[placeholders.index(site.past_keys)]
+        state = store_state(store)
+        if state is not None:
+            budgets[site.layer] = (state.budget, store.shape[2])
+    return budgets
 
 
 def check_continuation(positions: torch.Tensor, seen: torch.Tensor, slots: int) -> None:
@@ -110,9 +135,9 @@ def check_continuation(positions: torch.Tensor, seen: torch.Tensor, slots: int) 
         f"{row}), but the compressed cache has seen {int(seen[row])} tokens of that row so far, in {slots} slots. "
         "Hugging Face's generate() counts a cache's tokens by its slots, so continuing a conversation from a "
         "compressed cache with the whole conversation as input_ids would re-feed or skip tokens. Use "
-        "past_key_values=kvpass.CompressedCache(config=model.config), which counts the tokens it has seen, or pass "
+        "cache=kvpass.CompressedCache(config=model.config), which counts the tokens it has seen, or pass "
         "only the tokens the cache has not seen with the whole conversation's attention_mask: "
-        "generate(input_ids=ids[:, seen:], attention_mask=mask, past_key_values=cache), where seen = "
+        "generate(input_ids=ids[:, seen:], attention_mask=mask, cache=cache), where seen = "
         "max(kvpass.kv_stats(cache)[0].tokens_seen); or pass position_ids that continue at each row's count"
     )
 
@@ -125,7 +150,7 @@ def _blockwise(opts, sites) -> bool:
     return not (isinstance(seq, int) and seq <= opts.prefill_block)
 
 
-def _compile_blockwise(gm: fx.GraphModule, example_inputs: list, sites, opts, session) -> Callable:
+def _compile_blockwise(gm: fx.GraphModule, example_inputs: list, sites, opts: KVPassOptions) -> Callable:
     """Rewrite a dynamic prefill graph into one block graph and run it block by block."""
     rewritten = rewrite_blocks(gm.graph, sites, opts)
     block, plans, n_outputs = rewritten.block, rewritten.plans, rewritten.n_outputs
@@ -143,8 +168,9 @@ def _compile_blockwise(gm: fx.GraphModule, example_inputs: list, sites, opts, se
                          k.new_zeros(b, dtype=torch.int64)]
     _detach_outputs(gm)
     compiled = _compile(gm, examples, opts)
-    session.graphs.append(GraphRecord.of("prefill-block", sites, plans, rewritten.counters))
-    return BlockwiseRunner(compiled, rewritten.layout, plans, opts.prefill_block, session, n_outputs, store_outputs)
+    record = GraphRecord.of("prefill-block", opts.policy.spec(), sites, plans, rewritten.counters)
+    return BlockwiseRunner(compiled, rewritten.layout, plans, opts.prefill_block, record,
+                           opts.head_budgets == "adaptive", n_outputs, store_outputs)
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list, opts, inline_ops: bool = False) -> Callable:

@@ -11,6 +11,7 @@ import json
 import math
 from typing import Any
 
+from kvpass.errors import OptionError
 from kvpass.policies import POLICIES, Policy, make_policy
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -53,7 +54,7 @@ class KVPassOptions:
         """KV slots kept by ``layer`` for a prompt of ``prompt_len`` tokens."""
         if self.layer_budgets is not None:
             if len(self.layer_budgets) != n_layers:
-                raise ValueError(
+                raise OptionError(
                     f"kvpass: option 'layer_budgets' has {len(self.layer_budgets)} entries but the model "
                     f"has {n_layers} attention layers; give exactly one budget per layer"
                 )
@@ -73,7 +74,7 @@ ADAPTIVE_HEAD_POLICIES = ("epicache", "h2o", "pyramidkv", "snapkv")
 
 def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value <= 0:
-        raise ValueError(f"kvpass: option {key!r} must be a positive integer, got {value!r}")
+        raise OptionError(f"kvpass: option {key!r} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -82,13 +83,13 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
     if options is None:
         options = {}
     if not isinstance(options, dict):
-        raise ValueError(f"kvpass: options must be a dict, got {options!r}")
+        raise OptionError(f"kvpass: options must be a dict, got {options!r}")
     unknown = sorted(set(options) - set(VALID_KEYS))
     if unknown:
-        raise ValueError(f"kvpass: unknown option(s) {unknown!r}; valid options are {list(VALID_KEYS)}")
+        raise OptionError(f"kvpass: unknown option(s) {unknown!r}; valid options are {list(VALID_KEYS)}")
     name = options.get("policy", "snapkv")
     if not isinstance(name, str) or name not in POLICIES:
-        raise ValueError(f"kvpass: unknown policy {name!r}; valid policies are {sorted(POLICIES)}")
+        raise OptionError(f"kvpass: unknown policy {name!r}; valid policies are {sorted(POLICIES)}")
     params = {k: options[k] for k in _POLICY_KEYS if k in options}
     policy = make_policy(name, **params)
 
@@ -97,9 +98,9 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
     layer_budgets = options.get("layer_budgets")
     given = [k for k in ("budget", "ratio", "layer_budgets") if options.get(k) is not None]
     if len(given) > 1:
-        raise ValueError(f"kvpass: give only one of 'budget', 'ratio', 'layer_budgets'; got {given}")
+        raise OptionError(f"kvpass: give only one of 'budget', 'ratio', 'layer_budgets'; got {given}")
     if not given:
-        raise ValueError(
+        raise OptionError(
             "kvpass: no budget given; pass 'budget' (KV slots kept per layer, e.g. 1024), "
             "'ratio' (fraction of the prompt kept, in (0, 1]) or 'layer_budgets' (one int per layer)"
         )
@@ -107,24 +108,24 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
         budget = _positive_int("budget", budget)
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
-            raise ValueError(f"kvpass: option 'ratio' must be a number in (0, 1] (fraction kept), got {ratio!r}")
+            raise OptionError(f"kvpass: option 'ratio' must be a number in (0, 1] (fraction kept), got {ratio!r}")
         ratio = float(ratio)
     if layer_budgets is not None:
         if not isinstance(layer_budgets, list | tuple) or not layer_budgets:
-            raise ValueError(f"kvpass: option 'layer_budgets' must be a non-empty list of ints, got {layer_budgets!r}")
+            raise OptionError(f"kvpass: option 'layer_budgets' must be a non-empty list of ints, got {layer_budgets!r}")
         layer_budgets = tuple(_positive_int("layer_budgets", b) for b in layer_budgets)
 
     compiler = options.get("compiler", "inductor")
     if compiler not in COMPILERS:
-        raise ValueError(f"kvpass: option 'compiler' must be one of {list(COMPILERS)}, got {compiler!r}")
+        raise OptionError(f"kvpass: option 'compiler' must be one of {list(COMPILERS)}, got {compiler!r}")
     fallback = options.get("fallback", False)
     if not isinstance(fallback, bool):
-        raise ValueError(f"kvpass: option 'fallback' must be True or False, got {fallback!r}")
+        raise OptionError(f"kvpass: option 'fallback' must be True or False, got {fallback!r}")
     prefill_block = options.get("prefill_block")
     if prefill_block is not None:
         prefill_block = _positive_int("prefill_block", prefill_block)
         if ratio is not None:
-            raise ValueError(
+            raise OptionError(
                 f"kvpass: option 'prefill_block' ({prefill_block}) needs a fixed 'budget' or 'layer_budgets': a "
                 f"'ratio' ({ratio}) of a prompt is unknown until the whole prompt has been read"
             )
@@ -132,13 +133,13 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
     if episodes is not None:
         episodes = _positive_int("episodes", episodes)
         if policy.name != "epicache" or prefill_block is None:
-            raise ValueError(
+            raise OptionError(
                 f"kvpass: option 'episodes' ({episodes}) is EpiCache's: it needs policy 'epicache' and a "
                 f"'prefill_block'; got policy {name!r} and prefill_block {prefill_block!r}"
             )
     reference_kernels = options.get("reference_kernels", False)
     if not isinstance(reference_kernels, bool):
-        raise ValueError(f"kvpass: option 'reference_kernels' must be True or False (True runs the ops' pure-torch "
+        raise OptionError(f"kvpass: option 'reference_kernels' must be True or False (True runs the ops' pure-torch "
                          f"references instead of the Triton kernels, for debugging), got {reference_kernels!r}")
     head_budgets, head_floor = _head_options(options, policy)
     return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes,
@@ -148,23 +149,23 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
 def _head_options(options: dict[str, Any], policy: Policy) -> tuple[str, float]:
     head_budgets = options.get("head_budgets", "uniform")
     if head_budgets not in HEAD_BUDGETS:
-        raise ValueError(f"kvpass: option 'head_budgets' must be one of {list(HEAD_BUDGETS)}, got {head_budgets!r}")
+        raise OptionError(f"kvpass: option 'head_budgets' must be one of {list(HEAD_BUDGETS)}, got {head_budgets!r}")
     head_floor = options.get("head_floor")
     if head_floor is not None and head_budgets != "adaptive":
-        raise ValueError(f"kvpass: option 'head_floor' ({head_floor!r}) applies to head_budgets 'adaptive' only; "
+        raise OptionError(f"kvpass: option 'head_floor' ({head_floor!r}) applies to head_budgets 'adaptive' only; "
                          f"got head_budgets {head_budgets!r}")
     if head_floor is None:
         head_floor = KVPassOptions.head_floor
     if isinstance(head_floor, bool) or not isinstance(head_floor, int | float) or not 0 <= head_floor <= 1:
-        raise ValueError(f"kvpass: option 'head_floor' must be a number in [0, 1] (fraction of the per-head budget "
+        raise OptionError(f"kvpass: option 'head_floor' must be a number in [0, 1] (fraction of the per-head budget "
                          f"every head keeps), got {head_floor!r}")
     if head_budgets == "adaptive":
         if policy.name not in ADAPTIVE_HEAD_POLICIES:
-            raise ValueError(
+            raise OptionError(
                 f"kvpass: head_budgets 'adaptive' compares attention scores across heads; policy {policy.name!r} "
                 f"does not score that way. Use one of {list(ADAPTIVE_HEAD_POLICIES)}")
         if policy.name == "epicache" and policy.kernel_size > 1:
-            raise ValueError(
+            raise OptionError(
                 f"kvpass: head_budgets 'adaptive' packs a layer's heads into one store, so slots are not in position "
                 f"order and EpiCache's pooling (kernel_size {policy.kernel_size}) has no neighbours; use kernel_size 1")
     return head_budgets, float(head_floor)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from kvpass.ops import REFERENCES, attend_reference, compact_reference, score_reference
-from kvpass.ops_dllm import elastic_attend_reference
+from kvpass.ops.dllm import elastic_attend_reference
 from kvpass.policies import policy_from_spec
 
 ENV_REFERENCE = "KVPASS_REFERENCE"

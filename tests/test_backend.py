@@ -48,7 +48,7 @@ def test_budget_covering_the_sequence_is_exact(arch, attn, batch, policy):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    report = kvpass.explain()
+    report = kvpass.explain(model)
     assert [g["kind"] for g in report.graphs] == ["prefill", "decode"]
     assert report.graphs[0]["counters"]["prefill_sites"] == 2
     assert report.graphs[1]["counters"]["decode_sites"] == 2
@@ -77,7 +77,7 @@ def test_more_hf_decoders_are_exact(arch, attn):
     full_layers = sum(t == "full_attention" for t in layer_types)
     if arch == "falcon_h1":  # (every layer holds attention beside its mamba mixer)
         full_layers = 2
-    graphs = kvpass.explain().graphs
+    graphs = kvpass.explain(model).graphs
     assert [g["counters"]["decode_sites" if g["kind"] == "decode" else "prefill_sites"] for g in graphs] == (
         [full_layers] * len(graphs))
     assert [g["kind"] for g in graphs][:2] == ["prefill", "decode"]
@@ -94,10 +94,10 @@ def test_a_window_only_the_mask_applies_is_kvpass_to_apply_and_evict():
     ids, mask = padded_batch()
     model.forward = compiled(model, policy="h2o", budget=64)
     out = generate(model, ids, mask)
-    global_layer, local_layer = kvpass.kv_stats(out.past_key_values)
+    global_layer, local_layer = kvpass.kv_stats(out.cache)
     assert local_layer.real_tokens == 2 * 4 * 7  # batch x kv heads x (window - 1): the tokens a next query can see
     assert global_layer.real_tokens == 4 * (23 + 30 + 2 * 7)  # every real token of both rows (nothing evicted)
-    assert "sliding window 8 (in the mask)" in str(kvpass.explain())
+    assert "sliding window 8 (in the mask)" in str(kvpass.explain(model))
 
 
 def test_gemma2_soft_capped_eager_attention_is_exact_and_compresses():
@@ -115,11 +115,11 @@ def test_gemma2_soft_capped_eager_attention_is_exact_and_compresses():
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert kvpass.explain().graphs[0]["counters"]["prefill_sites"] == 2
+    assert kvpass.explain(model).graphs[0]["counters"]["prefill_sites"] == 2
     torch._dynamo.reset()
     model.forward = compiled(model, policy="h2o", budget=24)
     out = generate(model, ids, mask, steps=20)
-    assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [15, 24, 15, 24]
+    assert [s.slots for s in kvpass.kv_stats(out.cache)] == [15, 24, 15, 24]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -151,7 +151,7 @@ def test_sliding_window_layers_past_their_window_are_exact_and_compile_twice(att
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    report = kvpass.explain()
+    report = kvpass.explain(model)
     assert [g["kind"] for g in report.graphs] == ["prefill", "decode"]
     counters = report.graphs[1]["counters"]
     assert counters["sliding_sites_kept"] == 2 and counters["decode_sites"] == 2
@@ -164,7 +164,7 @@ def test_sliding_window_model_compresses_its_full_layers_with_padding_and_eager(
     model.forward = compiled(model, policy="h2o", budget=24)
     out = generate(model, ids, mask, steps=20)
     assert out.sequences.shape == (2, 60)
-    slots = [s.slots for s in kvpass.kv_stats(out.past_key_values)]
+    slots = [s.slots for s in kvpass.kv_stats(out.cache)]
     assert slots == [15, 24, 15, 24]  # sliding layers: HF's window - 1; full layers: the budget
 
 
@@ -175,7 +175,7 @@ def test_sliding_window_above_the_budget_is_kept_with_a_warning():
     with pytest.warns(UserWarning, match=r"sliding-window layers \[0, 2\] keep HF's own 15-token window, above their "
                                          r"budgets \[8\]"):
         out = generate(model, ids, mask, steps=20)
-    assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [15, 8, 15, 8]
+    assert [s.slots for s in kvpass.kv_stats(out.cache)] == [15, 8, 15, 8]
 
 
 def test_blockwise_prefill_refuses_sliding_window_layers_by_name():
@@ -202,7 +202,7 @@ def test_head_adaptive_store_covering_the_sequence_is_exact(arch, attn, policy, 
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert [g["counters"]["head_adaptive_sites"] for g in kvpass.explain().graphs] == [2, 2]
+    assert [g["counters"]["head_adaptive_sites"] for g in kvpass.explain(model).graphs] == [2, 2]
 
 
 @pytest.mark.parametrize("policy, head_budgets", [
@@ -224,12 +224,12 @@ def test_store_stays_at_budget_and_decode_compiles_once(policy, head_budgets):
     forward = torch.compile(model.forward, backend=counting_backend, options={
         "policy": policy, "budget": 64, "compiler": "aot_eager", "head_budgets": head_budgets, **extra})
     cache = DynamicCache(config=model.config)
-    logits = forward(input_ids=ids, past_key_values=cache, use_cache=True,
+    logits = forward(input_ids=ids, cache=cache, use_cache=True,
                      position_ids=torch.arange(512)[None]).logits
-    budgets = [model.config.num_hidden_layers and kvpass.explain().graphs[0]["budgets"]][0]
+    budgets = [model.config.num_hidden_layers and kvpass.explain(forward).graphs[0]["budgets"]][0]
     for step in range(64):
         token = logits[:, -1:].argmax(-1)
-        logits = forward(input_ids=token, past_key_values=cache, use_cache=True,
+        logits = forward(input_ids=token, cache=cache, use_cache=True,
                          position_ids=torch.tensor([[512 + step]])).logits
         stats = kvpass.kv_stats(cache)
         assert [s.slots for s in stats] == budgets
@@ -253,18 +253,18 @@ def test_generate_with_compression_and_full_module_compile_agree():
     ids, _ = padded_batch(length=80, batch=1)
     model.forward = compiled(model, policy="streaming_llm", budget=32)
     out = generate(model, ids, steps=10)
-    assert kvpass.kv_stats(out.past_key_values)[0].slots == 32
+    assert kvpass.kv_stats(out.cache)[0].slots == 32
     # the same, compiling the whole module and driving the cache by hand
     torch._dynamo.reset()
     plain = tiny_model()
     module = torch.compile(plain, backend="kvpass", options={"policy": "streaming_llm", "budget": 32,
                                                              "compiler": "aot_eager"})
     cache, seq = DynamicCache(config=plain.config), ids
-    logits = module(input_ids=ids, past_key_values=cache, position_ids=torch.arange(80)[None]).logits
+    logits = module(input_ids=ids, cache=cache, position_ids=torch.arange(80)[None]).logits
     for step in range(10):
         token = logits[:, -1:].argmax(-1)
         seq = torch.cat([seq, token], dim=1)
-        logits = module(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[80 + step]])).logits
+        logits = module(input_ids=token, cache=cache, position_ids=torch.tensor([[80 + step]])).logits
     assert torch.equal(seq, out.sequences)
 
 
@@ -290,7 +290,7 @@ def test_eviction_equals_masking_the_evicted_tokens(arch, attn):
     logits = ref_model(seq, attention_mask=mask4d).logits
     for i in range(1, steps):
         torch.testing.assert_close(out.logits[i][0], logits[0, prompt + i - 1], atol=1e-4, rtol=1e-4)
-    assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [budget, budget]
+    assert [s.slots for s in kvpass.kv_stats(out.cache)] == [budget, budget]
 
 
 def test_fullgraph_and_ratio():
@@ -299,16 +299,16 @@ def test_fullgraph_and_ratio():
     model.forward = torch.compile(model.forward, backend="kvpass", fullgraph=True,
                                   options={"policy": "snapkv", "ratio": 0.25, "window": 4, "compiler": "aot_eager"})
     out = generate(model, ids, steps=6)
-    assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [10, 10]
+    assert [s.slots for s in kvpass.kv_stats(out.cache)] == [10, 10]
 
 
 def test_decode_without_positions_is_refused():
     model = tiny_model()
     forward = compiled(model, policy="h2o", budget=8)
     cache = DynamicCache(config=model.config)
-    forward(input_ids=torch.randint(0, 128, (1, 20)), past_key_values=cache)
+    forward(input_ids=torch.randint(0, 128, (1, 20)), cache=cache)
     with pytest.raises(Exception, match="position_ids"):
-        forward(input_ids=torch.tensor([[3]]), past_key_values=cache)
+        forward(input_ids=torch.tensor([[3]]), cache=cache)
 
 
 def test_graph_without_attention_is_an_error_unless_fallback_is_asked():
@@ -346,11 +346,11 @@ def test_static_cache_covering_the_sequence_is_exact(arch, attn):
     ids, mask = padded_batch()
     ref = generate(model, ids, mask)
     model.forward = compiled(model, policy="h2o", budget=38)
-    out = generate(model, ids, mask, past_key_values=StaticCache(config=model.config, max_cache_len=38))
+    out = generate(model, ids, mask, cache=StaticCache(config=model.config, max_cache_len=38))
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert kvpass.explain().graphs[1]["counters"]["static_cache_sites"] == 2
+    assert kvpass.explain(model).graphs[1]["counters"]["static_cache_sites"] == 2
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "h2o", "streaming_llm", "tova"])
@@ -365,7 +365,7 @@ def test_static_cache_is_the_store_and_keeps_what_a_dynamic_cache_keeps(policy):
     model = tiny_model()
     model.forward = compiled(model, policy=policy, budget=32)
     cache = StaticCache(config=model.config, max_cache_len=32)
-    out = generate(model, ids, mask, steps=10, past_key_values=cache)
+    out = generate(model, ids, mask, steps=10, cache=cache)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -390,11 +390,11 @@ def test_static_cache_decode_compiles_once_and_a_reset_cache_starts_empty():
     ids = torch.randint(0, 128, (1, 40))
 
     def greedy(steps=20):
-        logits = forward(input_ids=ids, past_key_values=cache, position_ids=torch.arange(40)[None]).logits
+        logits = forward(input_ids=ids, cache=cache, position_ids=torch.arange(40)[None]).logits
         tokens = []
         for step in range(steps):
             tokens.append(logits[:, -1:].argmax(-1))
-            logits = forward(input_ids=tokens[-1], past_key_values=cache,
+            logits = forward(input_ids=tokens[-1], cache=cache,
                              position_ids=torch.tensor([[40 + step]])).logits
             assert [s.real_tokens for s in kvpass.kv_stats(cache)] == [2 * 16] * 2
         return torch.cat(tokens, dim=1)
@@ -415,9 +415,9 @@ def test_static_cache_stays_compressed_under_generates_own_compile():
     cache = StaticCache(config=model.config, max_cache_len=32)
     outer = CompileConfig(backend="eager")
     outer._compile_all_devices = True
-    generate(model, ids, mask, steps=6, past_key_values=cache, compile_config=outer)
+    generate(model, ids, mask, steps=6, cache=cache, compile_config=outer)
     assert model._compiled_call is not None
-    assert kvpass.explain().forwards == 6
+    assert kvpass.explain(model).forwards == 6
     assert [s.real_tokens for s in kvpass.kv_stats(cache)] == [2 * 32] * 2
 
 
@@ -429,14 +429,14 @@ def test_static_cache_takes_multi_token_appends_with_per_layer_budgets():
     prompt, follow = torch.randint(0, 128, (1, 60)), torch.randint(0, 128, (1, 5))
     full = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=prompt, past_key_values=full)
-        ref = model(input_ids=follow, past_key_values=full, position_ids=torch.arange(60, 65)[None]).logits
+        model(input_ids=prompt, cache=full)
+        ref = model(input_ids=follow, cache=full, position_ids=torch.arange(60, 65)[None]).logits
     for budgets in ((80, 70), (24, 12)):
         torch._dynamo.reset()
         forward = compiled(model, policy="h2o", layer_budgets=budgets)
         cache = StaticCache(config=model.config, max_cache_len=budgets[0])
-        forward(input_ids=prompt, past_key_values=cache, position_ids=torch.arange(60)[None])
-        out = forward(input_ids=follow, past_key_values=cache, position_ids=torch.arange(60, 65)[None]).logits
+        forward(input_ids=prompt, cache=cache, position_ids=torch.arange(60)[None])
+        out = forward(input_ids=follow, cache=cache, position_ids=torch.arange(60, 65)[None]).logits
         real = [min(b, 65) * 2 for b in budgets]  # x 2 kv heads
         assert [s.real_tokens for s in kvpass.kv_stats(cache)] == real
         if budgets[1] >= 65:
@@ -448,7 +448,7 @@ def test_static_cache_with_head_adaptive_budgets_is_refused_by_name():
     model.forward = compiled(model, policy="snapkv", budget=32, head_budgets="adaptive")
     cache = StaticCache(config=model.config, max_cache_len=32)
     with pytest.raises(Exception, match="head_budgets 'adaptive'.*StaticCache"):
-        model.forward(input_ids=torch.randint(1, 128, (1, 10)), past_key_values=cache, use_cache=True)
+        model.forward(input_ids=torch.randint(1, 128, (1, 10)), cache=cache, use_cache=True)
 
 
 def test_static_cache_with_sliding_window_layers_is_refused():
@@ -460,7 +460,7 @@ def test_static_cache_with_sliding_window_layers_is_refused():
     model = transformers.Gemma3ForCausalLM(config).eval()
     forward = compiled(model, policy="h2o", budget=16)
     with pytest.raises(Exception, match="sliding-window StaticCache layer"):
-        forward(input_ids=torch.randint(0, 128, (1, 40)), past_key_values=StaticCache(config=config, max_cache_len=16),
+        forward(input_ids=torch.randint(0, 128, (1, 40)), cache=StaticCache(config=config, max_cache_len=16),
                 position_ids=torch.arange(40)[None])
 
 
@@ -469,7 +469,7 @@ def test_latent_cache_refuses_a_static_cache_and_head_adaptive_budgets_by_name()
     ids = torch.randint(1, 128, (1, 20))
     model.forward = compiled(model, policy="h2o", budget=16)
     with pytest.raises(Exception, match="latent cache, as MLA's, in a StaticCache"):
-        generate(model, ids, steps=2, past_key_values=StaticCache(config=model.config, max_cache_len=16))
+        generate(model, ids, steps=2, cache=StaticCache(config=model.config, max_cache_len=16))
     torch._dynamo.reset()
     model = tiny_model("deepseek_v3")
     model.forward = compiled(model, policy="h2o", budget=16, head_budgets="adaptive")
@@ -482,13 +482,13 @@ def test_static_cache_sized_unlike_the_budget_is_refused_with_the_fix():
     forward = compiled(model, policy="h2o", budget=8)
     cache = StaticCache(config=model.config, max_cache_len=32)
     with pytest.raises(Exception, match=r"StaticCache holds 32 slots.*max_cache_len=8"):
-        forward(input_ids=torch.randint(0, 128, (1, 10)), past_key_values=cache, position_ids=torch.arange(10)[None])
+        forward(input_ids=torch.randint(0, 128, (1, 10)), cache=cache, position_ids=torch.arange(10)[None])
     torch._dynamo.reset()
     for options, match in (({"ratio": 0.5}, "'ratio'=0.5 cannot size a StaticCache"),
                            ({"budget": 32, "prefill_block": 8}, "'prefill_block'=8 needs the default DynamicCache")):
         forward = compiled(model, policy="h2o", **options)
         with pytest.raises(Exception, match=match):
-            forward(input_ids=torch.randint(0, 128, (1, 10)), past_key_values=StaticCache(config=model.config,
+            forward(input_ids=torch.randint(0, 128, (1, 10)), cache=StaticCache(config=model.config,
                     max_cache_len=32), position_ids=torch.arange(10)[None])
         torch._dynamo.reset()
 
@@ -504,7 +504,7 @@ def test_explain_names_sites_and_budgets():
     model = tiny_model()
     model.forward = compiled(model, policy="pyramidkv", budget=16, window=4)
     generate(model, torch.randint(1, 128, (1, 40)), steps=3)
-    text = str(kvpass.explain())
+    text = str(kvpass.explain(model))
     assert "layer 0: sdpa attention" in text and "layer 1: sdpa attention" in text
     assert "prefill" in text and "decode" in text and "pyramidkv" in text
 
@@ -562,7 +562,7 @@ def test_new_prompt_lengths_compile_one_dynamic_prefill_then_nothing():
         ids = torch.randint(1, 128, (1, length))
         out = generate(model, ids, steps=5)
         assert torch.equal(out.sequences, generate(ref_model, ids, steps=5).sequences)
-        assert [s.slots for s in kvpass.kv_stats(out.past_key_values)] == [128, 128]
+        assert [s.slots for s in kvpass.kv_stats(out.cache)] == [128, 128]
     assert len(compiles) == 3  # static prefill, decode, then one prefill with a dynamic prompt length
 
 

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import kvpass
 from kvpass.analysis import UnsupportedGraph
-from kvpass.session import last_session
+from kvpass.runtime.state import store_state
 
 
 def compiled(model, dynamic=True, **options):
@@ -20,7 +20,7 @@ def prefill(forward, model, ids, mask=None, **kw):
     mask = torch.ones_like(ids) if mask is None else mask
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return forward(input_ids=ids, attention_mask=mask, position_ids=pos,
-                   past_key_values=DynamicCache(config=model.config), use_cache=True, **kw)
+                   cache=DynamicCache(config=model.config), use_cache=True, **kw)
 
 
 def attend_slots(fn):
@@ -45,8 +45,8 @@ def test_block_prefill_with_budget_covering_the_prompt_is_exact_for_every_length
         for a, b in zip(out.logits, ref.logits, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # one block graph and one decode graph served all three prompt lengths
-    assert [g["kind"] for g in kvpass.explain().graphs] == ["prefill-block", "decode"]
-    assert kvpass.explain().graphs[0]["counters"]["blocked_sites"] == 2
+    assert [g["kind"] for g in kvpass.explain(model).graphs] == ["prefill-block", "decode"]
+    assert kvpass.explain(model).graphs[0]["counters"]["blocked_sites"] == 2
 
 
 def test_block_prefill_with_attention_sinks_is_exact():
@@ -59,7 +59,7 @@ def test_block_prefill_with_attention_sinks_is_exact():
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert [g["kind"] for g in kvpass.explain().graphs] == ["prefill-block", "decode"]
+    assert [g["kind"] for g in kvpass.explain(model).graphs] == ["prefill-block", "decode"]
 
 
 def test_block_prefill_refuses_a_latent_cache_by_name():
@@ -75,7 +75,7 @@ def test_block_prefill_of_a_left_padded_batch_matches_every_real_token_logit():
     model = tiny_model()
     out = prefill(compiled(model, policy="h2o", budget=64, prefill_block=16), model, ids, mask)
     torch.testing.assert_close(out.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-5, rtol=0)
-    stats = kvpass.kv_stats(out.past_key_values)
+    stats = kvpass.kv_stats(out.cache)
     assert [s.real_tokens for s in stats] == [2 * (50 + 37)] * 2  # kv heads x real tokens of both rows
 
 
@@ -90,10 +90,10 @@ def test_stores_never_exceed_budget_plus_one_block(policy, head_budgets):
     ids = torch.randint(1, 128, (1, 150))
     prefill(forward, model, ids[:, :40], logits_to_keep=1)  # compile outside the recording mode
     out, slots = attend_slots(lambda: prefill(forward, model, ids, logits_to_keep=1))
-    budgets = kvpass.explain().graphs[0]["budgets"]
+    budgets = kvpass.explain(forward).graphs[0]["budgets"]
     assert len(slots) >= 2 * 10  # 2 layers x ceil(150 / 16) blocks
     assert max(slots) <= max(budgets) + 16
-    for layer, stats in enumerate(kvpass.kv_stats(out.past_key_values)):
+    for layer, stats in enumerate(kvpass.kv_stats(out.cache)):
         # every layer holds exactly its budget of real tokens (2 kv heads); with an attention mask all stores
         # share the largest capacity (HF sizes one mask for all layers)
         assert stats.real_tokens == 2 * budgets[layer] and stats.slots == max(budgets)
@@ -105,12 +105,11 @@ def test_streaming_llm_blocks_keep_sinks_and_the_newest_tokens():
     model = tiny_model()
     out = prefill(compiled(model, policy="streaming_llm", budget=24, sinks=4, prefill_block=16), model,
                   torch.randint(1, 128, (1, 150)), logits_to_keep=1)
-    session = last_session()
-    for layer in (0, 1):
-        kept = sorted(session.layers[layer].pos[0, 0].tolist())
-        assert kept == [0, 1, 2, 3, *range(130, 150)]
-    assert int(session.layers[0].seen[0]) == 150
-    assert out.past_key_values.layers[0].keys.shape[2] == 24
+    states = [store_state(layer.keys) for layer in out.cache.layers]
+    for state in states:
+        assert sorted(state.pos[0, 0].tolist()) == [0, 1, 2, 3, *range(130, 150)]
+    assert int(states[0].seen[0]) == 150
+    assert out.cache.layers[0].keys.shape[2] == 24
 
 
 def test_observation_tokens_are_scored_from_but_never_stored():
@@ -118,19 +117,20 @@ def test_observation_tokens_are_scored_from_but_never_stored():
     forward = compiled(model, policy="epicache", budget=24, prefill_block=16, window=6)
     session_ids = torch.randint(1, 128, (6,))
     ids = torch.randint(1, 128, (1, 100))
-    prefill(forward, model, ids[:, :20], logits_to_keep=1)  # compile; sets up the session
-    session = last_session()
-    session.observation_ids = session_ids
-    out = prefill(forward, model, ids, logits_to_keep=1)
-    pos = session.layers[0].pos
-    assert int(pos.max()) < 100 and int(session.layers[0].seen[0]) == 100
-    assert (pos >= 0).all()
+    prefill(forward, model, ids[:, :20], logits_to_keep=1)  # compile
+    with kvpass.observing(session_ids):
+        out = prefill(forward, model, ids, logits_to_keep=1)
+    state = store_state(out.cache.layers[0].keys)
+    assert int(state.pos.max()) < 100 and int(state.seen[0]) == 100
+    assert (state.pos >= 0).all()
     assert torch.isnan(out.logits).all()  # the last position belongs to the observation prompt
     # a different observation prompt changes what is kept
-    kept = pos.clone()
-    session.observation_ids = torch.flip(ids[0, 40:46], dims=[0])
-    prefill(forward, model, ids, logits_to_keep=1)
-    assert not torch.equal(kept, session.layers[0].pos)
+    with kvpass.observing(torch.flip(ids[0, 40:46], dims=[0])):
+        other = prefill(forward, model, ids, logits_to_keep=1)
+    assert not torch.equal(state.pos, store_state(other.cache.layers[0].keys).pos)
+    # outside the block, prefills observe nothing again
+    plain = prefill(forward, model, ids, logits_to_keep=1)
+    assert torch.isfinite(plain.logits).all()
 
 
 def test_static_prompt_longer_than_a_block_asks_for_dynamic_shapes():
@@ -143,14 +143,14 @@ def test_static_prompt_longer_than_a_block_asks_for_dynamic_shapes():
     # a static prompt that fits one block is that block
     out = prefill(compiled(model, dynamic=None, policy="snapkv", budget=24, prefill_block=64), model,
                   torch.randint(1, 128, (1, 40)))
-    assert out.past_key_values.layers[0].keys.shape[2] == 24
+    assert out.cache.layers[0].keys.shape[2] == 24
 
 
 def test_block_prefill_without_positions_is_refused():
     model = tiny_model()
     forward = compiled(model, policy="snapkv", budget=24, prefill_block=16)
     with pytest.raises(Exception, match="position_ids") as err:
-        forward(input_ids=torch.randint(1, 128, (1, 40)), past_key_values=DynamicCache(config=model.config))
+        forward(input_ids=torch.randint(1, 128, (1, 40)), cache=DynamicCache(config=model.config))
     assert isinstance(err.value.__cause__ or err.value, UnsupportedGraph | Exception)
 
 

@@ -23,7 +23,7 @@ def chat(model, cache, turns, steps=6, pad_rows=0):
             turn[:pad_rows, :5], new_mask[:pad_rows, :5] = 0, 0
         ids = turn if ids is None else torch.cat([ids, turn], 1)
         mask = new_mask if mask is None else torch.cat([mask, new_mask], 1)
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=steps, do_sample=False,
                              pad_token_id=0, return_dict_in_generate=True, output_logits=True)
         outs.append(out)
         mask = torch.cat([mask, torch.ones(ids.shape[0], out.sequences.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
@@ -77,15 +77,15 @@ def test_plain_dynamic_cache_continuation_is_refused_with_the_way_out():
     model.forward = compiled(model, policy="h2o", budget=16)
     cache = DynamicCache(config=model.config)
     first, follow, _ = turns()
-    out = model.generate(first, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(first, cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
     ids = torch.cat([out, follow], 1)
     with pytest.raises(ValueError, match=r"appends 37 tokens starting at position 16 \(batch row 0\), but the "
                                          r"compressed cache has seen 45 tokens.*kvpass.CompressedCache.*tokens_seen"):
-        model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        model.generate(ids, cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
     # the way out the message gives: only the tokens the cache has not seen, with the whole conversation's mask
     seen = kvpass.kv_stats(cache)[0].tokens_seen[0]
     assert seen == 45
-    out = model.generate(ids[:, seen:], attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6,
+    out = model.generate(ids[:, seen:], attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=6,
                          do_sample=False, pad_token_id=0)
     assert out.shape == (1, ids.shape[1] - seen + 6)
     assert kvpass.kv_stats(cache)[0].tokens_seen == [ids.shape[1] + 5]
@@ -96,7 +96,7 @@ def test_uncompressed_forwards_see_a_plain_dynamic_cache():
     cache = kvpass.CompressedCache(config=model.config)
     ids = torch.randint(1, 128, (1, 12))
     with torch.no_grad():
-        ref = model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits
-        out = model(input_ids=ids, past_key_values=cache).logits
+        ref = model(input_ids=ids, cache=DynamicCache(config=model.config)).logits
+        out = model(input_ids=ids, cache=cache).logits
     torch.testing.assert_close(out, ref)
     assert cache.get_seq_length() == 12 and cache.get_mask_sizes(3, 0) == (15, 0)

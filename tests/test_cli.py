@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvpass.cli import main
+from kvpass.apps.cli import main
 
 
 @pytest.mark.parametrize("argv, quoted", [

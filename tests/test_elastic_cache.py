@@ -9,8 +9,8 @@ from kvpass.models.llada_generate import generate_window
 from torch import nn
 
 from kvpass.analysis import UnsupportedGraph
-from kvpass.elastic import ElasticCacheGenerator, ElasticConfig, export_dllm
-from kvpass.ops_dllm import elastic_attend, elastic_attend_reference
+from kvpass.apps.elastic import ElasticCacheGenerator, ElasticConfig, export_dllm
+from kvpass.ops.dllm import elastic_attend, elastic_attend_reference
 from kvpass.passes.refresh_dllm_kv import STATE_OUTPUTS, RefreshDLLMKV
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from kvpass.episodic import EpisodicCache, answer, compress_context
+from kvpass.apps.episodic import EpisodicCache, answer, compress_context
 
 
 def compiled(model, **options):
@@ -32,8 +32,8 @@ def test_compress_then_answer_equals_full_kv_greedy_when_the_budget_covers_every
     ref = ref_model.generate(ids, max_new_tokens=6, do_sample=False)[0, 90:].tolist()
     forward, options = compiled(model, policy="snapkv", budget=128, prefill_block=16)
     ctx = compress_context(forward, model, options, context)
-    assert answer(forward, model, options, ctx, question, 6) == ref
-    assert answer(forward, model, options, ctx, question, 6) == ref  # the compressed context is reusable
+    assert answer(forward, model, ctx, question, 6) == ref
+    assert answer(forward, model, ctx, question, 6) == ref  # the compressed context is reusable
 
 
 def test_repeat_observation_compresses_to_the_budget_and_keeps_the_context_reusable():
@@ -43,8 +43,8 @@ def test_repeat_observation_compresses_to_the_budget_and_keeps_the_context_reusa
     ctx = compress_context(forward, model, options, context, observe="repeat")
     assert ctx.cache.layers[0].keys.shape[2] == 24
     assert all(int(state.pos.max()) < 100 and int(state.seen[0]) == 100 for state in ctx.layers.values())
-    first = answer(forward, model, options, ctx, [5, 6, 7], 4)
-    assert answer(forward, model, options, ctx, [5, 6, 7], 4) == first
+    first = answer(forward, model, ctx, [5, 6, 7], 4)
+    assert answer(forward, model, ctx, [5, 6, 7], 4) == first
     with pytest.raises(ValueError, match="'repeat' or None, got 'again'"):
         compress_context(forward, model, options, context, observe="again")
 
@@ -93,10 +93,10 @@ def test_answer_after_compression_to_per_layer_budgets():
     context = torch.randint(1, 128, (100,), generator=torch.Generator().manual_seed(6)).tolist()
     ctx = compress_context(forward, model, options, context)
     assert [layer.keys.shape[2] for layer in ctx.cache.layers] == budgets
-    tokens = answer(forward, model, options, ctx, [5, 6, 7, 8], 4)
+    tokens = answer(forward, model, ctx, [5, 6, 7, 8], 4)
     assert len(tokens) == 4
     assert [layer.keys.shape[2] for layer in ctx.cache.layers] == budgets  # the context stays reusable
-    assert answer(forward, model, options, ctx, [5, 6, 7, 8], 4) == tokens
+    assert answer(forward, model, ctx, [5, 6, 7, 8], 4) == tokens
 
 
 def test_episodic_cache_clusters_and_routes_with_a_given_embedding():

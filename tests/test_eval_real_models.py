@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from kvpass.eval import BenchConfig, run_grid
+from kvpass.apps.eval import BenchConfig, run_grid
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,7 +13,7 @@ from conftest import tiny_model
 from kvpass.lowering.export import FORMATS, export, get_format
 
 import kvpass
-from kvpass.cli import main
+from kvpass.apps.cli import main
 
 PROMPT, BUDGET, STEPS = 40, 16, 32  # compression active: 16 of 40 prompt tokens kept, and through decode
 OPTIONS = {"policy": "snapkv", "budget": BUDGET, "window": 4}

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvpass.kernels import compact as C
 
-from kvpass import ops
+from kvpass.ops import kv as ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,4 +1,4 @@
-"""kvpass.kernels.elastic_drift against kvpass.ops_dllm.elastic_attend_reference (Triton interpreter on CPU)."""
+"""kvpass.kernels.elastic_drift against kvpass.ops.dllm.elastic_attend_reference (Triton interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvpass.kernels import elastic_drift as E
 
-from kvpass.ops_dllm import elastic_attend_reference
+from kvpass.ops.dllm import elastic_attend_reference
 
 # output tolerance per dtype (the kernels accumulate in float32, then round once to the dtype)
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from kvpass.layer_profile import allocate_layer_budgets, block_restricted_mask, key_similarity, layer_budgets
+from kvpass.apps.layer_profile import allocate_layer_budgets, block_restricted_mask, key_similarity, layer_budgets
 
 
 def test_block_restricted_mask_sees_sinks_own_block_and_the_overlap():

@@ -10,7 +10,8 @@ import torch
 from kvpass.lowering import triton_lowering as TL
 from test_kernels_elastic_drift import make_args
 
-from kvpass import ops, ops_dllm
+from kvpass.ops import dllm as ops_dllm
+from kvpass.ops import kv as ops
 from kvpass.policies import make_policy
 
 
@@ -179,7 +180,7 @@ def test_elastic_cache_decodes_the_same_through_the_kernel(monkeypatch):
     from kvpass.models.data.arithmetic import arithmetic_problems
     from kvpass.models.llada import load_llada
 
-    from kvpass.elastic import ElasticCacheGenerator, ElasticConfig
+    from kvpass.apps.elastic import ElasticCacheGenerator, ElasticConfig
 
     monkeypatch.delenv(TL.ENV_REFERENCE, raising=False)
     model = load_llada()

@@ -5,7 +5,7 @@ import pytest
 from kvpass.models import load_tokenizer
 from kvpass.models.embedder import SentenceEmbedder, embedder_dir
 
-from kvpass.episodic import sentence_embed
+from kvpass.apps.episodic import sentence_embed
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvpass import ops
+from kvpass.ops import kv as ops
 from kvpass.policies import H2O, EpiCache, Knorm, SnapKV
 
 B, HQ, HKV, D = 2, 4, 2, 8

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvpass import ops
+from kvpass.ops import kv as ops
 from kvpass.policies import H2O, TOVA, EpiCache, Knorm, PyramidKV, SnapKV, StreamingLLM, make_policy
 
 HQ, HKV, D = 4, 2, 8

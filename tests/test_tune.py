@@ -12,7 +12,7 @@ import triton
 from kvpass.kernels import attend_scores as A
 from kvpass.kernels import tuning
 
-from kvpass.cli import main
+from kvpass.apps.cli import main
 
 SIZES = ["--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--budget", "20", "--block", "4", "--max-configs", "2"]
 

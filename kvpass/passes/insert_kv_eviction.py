@@ -342,7 +342,7 @@ class InsertKVEviction:
             raise UnsupportedGraph(
                 f"kvpass: the StaticCache holds {slots} slots per layer but the options keep {asked}. kvpass uses the "
                 f"StaticCache's buffers as its fixed-capacity store, so size it to the largest budget: "
-                f"StaticCache(config=model.config, max_cache_len={max(budgets)}), passed as past_key_values= (a "
+                f"StaticCache(config=model.config, max_cache_len={max(budgets)}), passed as cache= (a "
                 "cache that generate() sizes itself holds the whole sequence and would save nothing)"
             )
         return budgets[site.layer], slots

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
-import kvpass.ops_dllm  # noqa: F401  (registers kvpass::elastic_attend)
+import kvpass.ops.dllm  # noqa: F401  (registers kvpass::elastic_attend)
 from kvpass.analysis import SDPA_TARGETS, UnsupportedGraph
 
 # the Elastic-Cache state every rewritten layer graph takes after its own inputs, in this order
@@ -25,7 +25,7 @@ _LAYER_PATH = re.compile(r"^(.*\.)?\d+$")
 
 @dataclasses.dataclass
 class ElasticProgram:
-    """What the pass produces; :mod:`kvpass.elastic` runs it.
+    """What the pass produces; :mod:`kvpass.apps.elastic` runs it.
 
     ``prologue(*inputs)`` returns the values the layers share (embeddings, RoPE tables, ...);
     ``layers[i](*layer_args, *STATE_INPUTS)`` returns ``(hidden, *STATE_OUTPUTS)``; ``epilogue``

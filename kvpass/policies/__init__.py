@@ -7,6 +7,7 @@ import functools
 import json
 from typing import Any
 
+from kvpass.errors import OptionError
 from kvpass.policies.base import Policy
 from kvpass.policies.epicache import EpiCache
 from kvpass.policies.h2o import H2O
@@ -24,12 +25,12 @@ POLICIES: dict[str, type[Policy]] = {
 def make_policy(name: str, **params: Any) -> Policy:
     """Build policy ``name`` with its options; a parameter the policy does not take is an error."""
     if name not in POLICIES:
-        raise ValueError(f"kvpass: unknown policy {name!r}; valid policies are {sorted(POLICIES)}")
+        raise OptionError(f"kvpass: unknown policy {name!r}; valid policies are {sorted(POLICIES)}")
     cls = POLICIES[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in params.items():
         if key not in fields:
-            raise ValueError(
+            raise OptionError(
                 f"kvpass: policy {name!r} takes no option {key!r} (got {value!r}); "
                 f"its options are {sorted(fields) or 'none'}"
             )
@@ -37,10 +38,11 @@ def make_policy(name: str, **params: Any) -> Policy:
             continue
         if key == "accumulate":
             if not isinstance(value, bool):
-                raise ValueError(f"kvpass: option 'accumulate' of policy {name!r} must be True or False, got {value!r}")
+                raise OptionError(
+                    f"kvpass: option 'accumulate' of policy {name!r} must be True or False, got {value!r}")
             continue
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"kvpass: option {key!r} of policy {name!r} must be an int >= 0, got {value!r}")
+            raise OptionError(f"kvpass: option {key!r} of policy {name!r} must be an int >= 0, got {value!r}")
     return cls(**params)
 
 

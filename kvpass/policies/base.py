@@ -22,6 +22,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from kvpass.errors import OptionError
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
@@ -65,9 +67,9 @@ class Policy:
 def check_window_and_kernel(window: int, kernel_size: int) -> None:
     """Observation-window policies: ``window >= 1`` queries, an odd pooling ``kernel_size`` (centred)."""
     if window < 1:
-        raise ValueError(f"kvpass: option 'window' must be >= 1, got {window!r}")
+        raise OptionError(f"kvpass: option 'window' must be >= 1, got {window!r}")
     if kernel_size % 2 != 1:
-        raise ValueError(f"kvpass: option 'kernel_size' must be odd, got {kernel_size!r}")
+        raise OptionError(f"kvpass: option 'kernel_size' must be odd, got {kernel_size!r}")
 
 
 def group_mean(obs: Tensor, n_kv_heads: int) -> Tensor:

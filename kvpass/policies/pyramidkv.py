@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kvpass.errors import OptionError
 from kvpass.policies.snapkv import SnapKV
 
 
@@ -21,7 +22,7 @@ class PyramidKV(SnapKV):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.beta < 1:
-            raise ValueError(f"kvpass: option 'beta' must be >= 1, got {self.beta!r}")
+            raise OptionError(f"kvpass: option 'beta' must be >= 1, got {self.beta!r}")
 
     def layer_budget(self, total: int, layer: int, n_layers: int) -> int:
         if n_layers == 1:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvpass.errors import OptionError
 from kvpass.policies.base import Policy, check_window_and_kernel, group_mean, protect, recent_mask
 
 
@@ -29,7 +30,7 @@ class SnapKV(Policy):
 
     def __post_init__(self) -> None:
         if self.pooling not in ("avg", "max"):
-            raise ValueError(f"kvpass: option 'pooling' must be 'avg' or 'max', got {self.pooling!r}")
+            raise OptionError(f"kvpass: option 'pooling' must be 'avg' or 'max', got {self.pooling!r}")
         check_window_and_kernel(self.window, self.kernel_size)
 
     def n_obs(self, n_new: int) -> int:

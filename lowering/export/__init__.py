@@ -103,8 +103,8 @@ def export(
                              "prefill_block": prefill_block, **policy_params})
     if options.episodes is not None:
         raise ValueError(f"kvpass export: option 'episodes' ({options.episodes}) keeps one cache per episode and "
-                         "picks one per question at run time (kvpass.episodic); the exported programs hold a single "
-                         "store: export without it")
+                         "picks one per question at run time (kvpass.apps.episodic); the exported programs hold a "
+                         "single store: export without it")
     prompt_len, max_prompt = _positive("prompt_len", prompt_len), _positive("max_prompt", max_prompt)
     if prompt_len is not None and prompt_len < 2:
         raise ValueError(f"kvpass export: prompt_len must be at least 2, got {prompt_len}")

@@ -117,11 +117,11 @@ class ExportedModel:
 
 
     def _prefill_blocks(self, ids: np.ndarray, block: int) -> tuple[np.ndarray, Any]:
-        """Prefill ``ids`` by calling the block program once per block (as ``kvpass.blockwise.BlockwiseRunner``)."""
+        """Prefill ``ids`` by calling the block program once per block (as kvpass's ``BlockwiseRunner`` does)."""
         import torch
         from kvpass.lowering.export.core import empty_state
 
-        from kvpass.blockwise import split_prompt
+        from kvpass.passes.block_graph import split_prompt
 
         m = self.manifest
         t = len(ids)

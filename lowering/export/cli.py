@@ -6,7 +6,7 @@ import argparse
 
 from kvpass.lowering.export import FORMATS, export, get_format
 
-from kvpass.cli import positive_int
+from kvpass.apps.cli import positive_int
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:

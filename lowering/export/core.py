@@ -20,8 +20,8 @@ With ``prefill_block=C`` the prefill is instead the *block program* of
 ``(input_ids [1, C], position_ids [1, C], valid [1, C] bool, observe [1, C] bool, *state)`` →
 ``(logits [1, 1, V], *state)``. A prompt of any length is prefilled by calling it once per block from the
 empty state (zero stores, ``pos`` -1): the first block left-padded (``valid`` False, id and position 0),
-the last one ending on the prompt's last token, exactly as :class:`kvpass.blockwise.BlockwiseRunner` does
-(see :func:`kvpass.blockwise.split_prompt`). ``observe`` marks observation-only tokens (none here: all False).
+the last one ending on the prompt's last token, exactly as :class:`kvpass.runtime.blockwise.BlockwiseRunner` does
+(see :func:`kvpass.passes.block_graph.split_prompt`). ``observe`` marks observation-only tokens (none here: all False).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from torch.export import Dim, ExportedProgram
 import kvpass
 import kvpass.ops  # noqa: F401  (registers the kvpass::* ops the programs call)
 from kvpass.analysis import find_attention_sites
-from kvpass.blockwise import rewrite_blocks
 from kvpass.config import KVPassOptions
 from kvpass.ops import REFERENCES
 from kvpass.passes import InsertKVEviction, LayerPlan
+from kvpass.passes.block_graph import rewrite_blocks
 
 MANIFEST_VERSION = 1
 
@@ -60,7 +60,7 @@ class _ExplicitCacheForward(torch.nn.Module):
                 # the store is the layer's whole cache: the model's update is cat([store, new])
                 layer.keys, layer.values = k, v
                 layer.dtype, layer.device, layer.is_initialized = k.dtype, k.device, True
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True,
                          logits_to_keep=1)
         return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
@@ -100,7 +100,7 @@ def _rewrite(ep: ExportedProgram, options: KVPassOptions) -> tuple[fx.GraphModul
 def _rewrite_blocks(ep: ExportedProgram, options: KVPassOptions) -> tuple[fx.GraphModule, list[LayerPlan],
                                                                             dict[str, int]]:
     """Rewrite an exported dynamic-length prefill into the block graph, as the backend's block-wise path does
-    (:func:`kvpass.blockwise.rewrite_blocks`). The graph takes
+    (:func:`kvpass.passes.block_graph.rewrite_blocks`). The graph takes
     ``(ids, positions, k_0, v_0, ..., valid, observe, pos_0, acc_0, seen_0, ...)``."""
     module, graph = _plain_graph(ep)
     rewritten = rewrite_blocks(graph, find_attention_sites(graph), options)

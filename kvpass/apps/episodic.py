@@ -7,7 +7,8 @@ question is seen; each question is then appended to a copy of the compressed cac
 episodes and each episode's cache is scored by that episode's patched prompt (EpiCache).
 
 All functions take ``forward`` = ``torch.compile(model.forward, backend="kvpass", dynamic=True,
-options=options)`` and the same ``options`` dict (it identifies the compiled session).
+options=options)`` and the same ``options`` dict. Each compressed context is its own cache (kvpass's state travels
+with its stores), so any number of contexts and episodes share one compiled forward.
 """
 
 from __future__ import annotations
@@ -20,20 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpass.config import parse_options
-from kvpass.eval.runner import greedy_generate, new_cache
-from kvpass.session import LayerState, Session, session_for
+from kvpass import observing, parse_options
+from kvpass.apps.eval.runner import greedy_generate, new_cache
+from kvpass.errors import OptionError
 
 
 @dataclasses.dataclass
 class CompressedContext:
-    cache: Any                       # the HF cache holding the compressed stores
-    layers: dict[int, LayerState]    # kvpass's metadata of those stores
+    cache: Any                       # the HF cache holding the compressed stores (and kvpass's state of them)
     length: int                      # context tokens (the next token's position)
-
-
-def _session(options: dict) -> Session:
-    return session_for(parse_options(options), options)
 
 
 @torch.inference_mode()
@@ -44,29 +40,22 @@ def compress_context(forward, model: torch.nn.Module, options: dict, context_ids
     ``observe``: observation prompt ids appended to every block, ``"repeat"`` (each block observed by a copy
     of itself), or None (the policy's own rule).
     """
-    if isinstance(observe, str) and observe != "repeat":
-        raise ValueError(f"kvpass: observe must be token ids, 'repeat' or None, got {observe!r}")
     if observe is not None and parse_options(options).prefill_block is None:
-        raise ValueError("kvpass: an observation prompt needs block-wise prefill; set option 'prefill_block'")
-    session = _session(options)
+        raise OptionError(f"kvpass: an observation prompt needs block-wise prefill; set option 'prefill_block' "
+                          f"(options {options!r})")
     device = next(model.parameters()).device
     ids = torch.tensor([list(context_ids)], device=device)
-    session.observation_ids = observe
-    try:
+    with observing(observe):
         out = forward(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                      past_key_values=new_cache(model), use_cache=True, logits_to_keep=1)
-    finally:
-        session.observation_ids = None
-    return CompressedContext(out.past_key_values, dict(session.layers), ids.shape[1])
+                      cache=new_cache(model), use_cache=True, logits_to_keep=1)
+    return CompressedContext(out.cache, ids.shape[1])
 
 
 @torch.inference_mode()
-def answer(forward, model: torch.nn.Module, options: dict, context: CompressedContext, question_ids: Sequence[int],
+def answer(forward, model: torch.nn.Module, context: CompressedContext, question_ids: Sequence[int],
            max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
     """Greedy answer to ``question_ids`` appended to a copy of ``context`` (which stays reusable)."""
-    session = _session(options)
-    session.layers = dict(context.layers)
-    cache = copy.copy(context.cache)
+    cache = copy.copy(context.cache)  # the stores (and their kvpass state) are shared; each forward makes new ones
     cache.layers = [copy.copy(layer) for layer in context.cache.layers]
     generation = greedy_generate(forward, model, question_ids, max_new_tokens, stop_ids, cache=cache,
                                  start=context.length)
@@ -165,7 +154,7 @@ class EpisodicCache:
                stop_ids: Sequence[int] = ()) -> tuple[list[int], int]:
         """Greedy answer from the question's episode; returns ``(tokens, episode)``."""
         episode = self.route(question_ids)
-        tokens = answer(self.forward, self.model, self.options, self.contexts[episode], question_ids,
+        tokens = answer(self.forward, self.model, self.contexts[episode], question_ids,
                         max_new_tokens, stop_ids)
         return tokens, episode
 

@@ -1,6 +1,6 @@
 """Drive a causal LM's ``forward`` (eager, or compiled through kvpass) over benchmark samples.
 
-Every call goes through ``forward(input_ids=..., past_key_values=..., use_cache=True,
+Every call goes through ``forward(input_ids=..., cache=..., use_cache=True,
 logits_to_keep=...)``, the signature of an HF ``*ForCausalLM.forward``: the same loop serves the
 eager full-KV reference and ``torch.compile(model.forward, backend="kvpass", options=...)``.
 Prefill is one call over the whole prompt; decode feeds one token per call. Every call passes
@@ -59,7 +59,7 @@ class Scored:
 def new_cache(model: torch.nn.Module) -> Any:
     """A fresh :class:`kvpass.CompressedCache` for ``model`` (a ``DynamicCache``; sliding-window layers from its
     config) — uncompressed forwards use it as HF's own."""
-    from kvpass.cache import CompressedCache
+    from kvpass.runtime.cache import CompressedCache
 
     return CompressedCache(config=model.config)
 
@@ -135,9 +135,9 @@ def greedy_generate(
     cache = new_cache(model) if cache is None else cache
     _sync(device)
     t0 = time.perf_counter()
-    out = forward(input_ids=ids, position_ids=_positions(start, ids.shape[1], device), past_key_values=cache,
+    out = forward(input_ids=ids, position_ids=_positions(start, ids.shape[1], device), cache=cache,
                   use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values if out.past_key_values is not None else cache
+    cache = out.cache if out.cache is not None else cache
     nxt = out.logits[:, -1].argmax(-1)
     _sync(device)
     prefill_s = time.perf_counter() - t0
@@ -147,8 +147,8 @@ def greedy_generate(
     steps = 0
     while len(generated) < max_new_tokens and generated[-1] not in stop_ids:
         pos = _positions(start + len(prompt_ids) + len(generated) - 1, 1, device)
-        out = forward(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values if out.past_key_values is not None else cache
+        out = forward(input_ids=nxt[:, None], position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache if out.cache is not None else cache
         nxt = out.logits[:, -1].argmax(-1)
         generated.append(int(nxt))
         steps += 1
@@ -176,7 +176,7 @@ def score_continuation(
     cache = new_cache(model)
     _sync(device)
     t0 = time.perf_counter()
-    out = forward(input_ids=ids, position_ids=_positions(0, ids.shape[1], device), past_key_values=cache,
+    out = forward(input_ids=ids, position_ids=_positions(0, ids.shape[1], device), cache=cache,
                   use_cache=True, logits_to_keep=1)  # fmt: skip
     _sync(device)
     prefill_s = time.perf_counter() - t0
@@ -186,8 +186,8 @@ def score_continuation(
     for i, (prev, tgt) in enumerate(zip(targets[:-1], targets[1:], strict=True)):
         step = torch.tensor([[prev]], dtype=torch.long, device=device)
         pos = _positions(len(context_ids) + i, 1, device)
-        out = forward(input_ids=step, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values if out.past_key_values is not None else cache
+        out = forward(input_ids=step, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache if out.cache is not None else cache
         nll -= torch.log_softmax(out.logits[0, -1].float(), -1)[tgt].item()
     _sync(device)
     steps = len(targets) - 1

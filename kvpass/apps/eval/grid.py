@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from kvpass.eval.benchmarks import BENCHMARKS, DEFAULT_BENCHMARKS, BenchConfig
-from kvpass.eval.runner import Forward, greedy_generate, score_continuation
+from kvpass.apps.eval.benchmarks import BENCHMARKS, DEFAULT_BENCHMARKS, BenchConfig
+from kvpass.apps.eval.runner import Forward, greedy_generate, score_continuation
 from kvpass.models import DEFAULT_MODEL, MODELS
 from kvpass.models import load as load_model
 from kvpass.models.data import CorpusUnavailable, LMSample, QASample
@@ -185,7 +185,7 @@ def run_grid(
         models: names for :func:`kvpass.models.load` (or for ``loader``).
         policies: ``"full"`` and/or kvpass policy names; ``"full"`` is added when missing.
         budgets: KV slots per layer for compressed policies (the full row has budget ``None``).
-        benchmarks: names in :data:`kvpass.eval.benchmarks.BENCHMARKS`.
+        benchmarks: names in :data:`kvpass.apps.eval.benchmarks.BENCHMARKS`.
         config: benchmark sizes and seed.
         out_dir: where ``results.json`` and the plots go (``None``: write nothing).
         backend_options: extra kvpass backend options (e.g. ``{"compiler": "aot_eager"}``).
@@ -268,7 +268,7 @@ def run_grid(
     result["meta"]["wall_s"] = time.perf_counter() - t_start
     result["meta"]["complete"] = True
     if out_dir is not None and plots:
-        from kvpass.eval.plots import plot_results
+        from kvpass.apps.eval.plots import plot_results
 
         result["meta"]["plots"] = [str(p) for p in plot_results(result, Path(out_dir))]
     _write(result, out_dir)

@@ -18,15 +18,15 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from kvpass.session import find_session
+from kvpass.runtime.state import store_state
 
 
 class CompressedCache(DynamicCache):
-    """``DynamicCache`` for a model compiled with ``backend="kvpass"``; pass it as ``past_key_values``.
+    """``DynamicCache`` for a model compiled with ``backend="kvpass"``; pass it as ``cache``.
 
     * ``get_seq_length()`` is the number of tokens of the sequence so far, kept or evicted (the most of any batch
-      row: with left padding, the columns of ``input_ids`` already fed), as kvpass's session counts them. So
-      ``generate(whole_conversation, past_key_values=cache)`` feeds exactly the new tokens. While Dynamo traces a
+      row: with left padding, the columns of ``input_ids`` already fed), as the store's kvpass state counts them. So
+      ``generate(whole_conversation, cache=cache)`` feeds exactly the new tokens. While Dynamo traces a
       forward it stays HF's slot count, a shape: reading kvpass's count would specialize the graph on it.
     * While Dynamo traces a forward over full-attention stores of different lengths, HF's mask is one key column
       wide, so it broadcasts over every layer's keys: kvpass masks attention over its stores itself, from each slot's
@@ -37,11 +37,10 @@ class CompressedCache(DynamicCache):
         slots = super().get_seq_length(layer_idx)
         if slots == 0 or torch.compiler.is_compiling() or layer_idx >= len(self.layers):
             return slots
-        found = find_session(self.layers[layer_idx].keys)
-        if found is None:  # not (yet) a kvpass store: every token is still in its slot
+        state = store_state(self.layers[layer_idx].keys)
+        if state is None:  # not (yet) a kvpass store: every token is still in its slot
             return slots
-        session, layer = found
-        return int(session.layers[layer].seen.max())
+        return int(state.seen.max())
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         if (torch.compiler.is_compiling() and layer_idx < len(self.layers)

@@ -22,11 +22,9 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from kvpass.errors import UnsupportedGraph
+
 aten = torch.ops.aten
-
-
-class UnsupportedGraph(ValueError):
-    """kvpass found no attention site it can rewrite; the message says what it found instead."""
 
 
 SDPA_TARGETS = {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kvpass.cli import positive_int
+from kvpass.apps.cli import positive_int
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SMOKE_MAX_QUERIES = 8  # interpreter: ~0.3 ms per program and per block step, so smoke shapes stay tiny

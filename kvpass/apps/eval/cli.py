@@ -1,7 +1,7 @@
-"""``kvpass eval``: the command-line face of :func:`kvpass.eval.run_grid`.
+"""``kvpass eval``: the command-line face of :func:`kvpass.apps.eval.run_grid`.
 
 ``add_eval_parser(subparsers)`` adds the ``eval`` subcommand to a top-level ``argparse`` parser (its
-handler is stored as ``func``); ``main(argv)`` runs it standalone (``python -m kvpass.eval.cli``).
+handler is stored as ``func``); ``main(argv)`` runs it standalone (``python -m kvpass.apps.eval.cli``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from kvpass.eval.benchmarks import BENCHMARKS, DEFAULT_BENCHMARKS, BenchConfig
-from kvpass.eval.grid import (
+from kvpass.apps.eval.benchmarks import BENCHMARKS, DEFAULT_BENCHMARKS, BenchConfig
+from kvpass.apps.eval.grid import (
     DEFAULT_BUDGETS,
     DEFAULT_POLICIES,
     format_table,

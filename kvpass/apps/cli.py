@@ -85,7 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         out, prefill, decode = _timed_generate(model, ids, args.new_tokens)
     kv_held = lambda cache: sum(layer.kv_bytes for layer in kvpass.kv_stats(cache))
-    rows.append(("full KV (eager HF)", out, prefill, decode, kv_held(out.past_key_values)))
+    rows.append(("full KV (eager HF)", out, prefill, decode, kv_held(out.cache)))
 
     forward = model.forward
     model.forward = torch.compile(forward, backend="kvpass", options=options)
@@ -94,7 +94,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _timed_generate(model, ids, 2)  # warm-up: compiles the prefill and decode graphs
     compile_s = time.perf_counter() - start
     out, prefill, decode = _timed_generate(model, ids, args.new_tokens)
-    rows.append((f"kvpass {args.policy} budget {args.budget}", out, prefill, decode, kv_held(out.past_key_values)))
+    rows.append((f"kvpass {args.policy} budget {args.budget}", out, prefill, decode, kv_held(out.cache)))
     model.forward = forward
 
     print(f"\n{'run':<34} {'KV bytes held':>14} {'prefill s':>10} {'decode ms/tok':>14}  answer")
@@ -108,9 +108,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kvpass.eval.cli import add_eval_parser, run_eval
+    from kvpass.apps.eval.cli import add_eval_parser, run_eval
+    from kvpass.apps.tune import add_tune_parser, run_tune
     from kvpass.lowering.export.cli import add_export_parser, run_export
-    from kvpass.tune import add_tune_parser, run_tune
 
     parser = argparse.ArgumentParser(prog="kvpass", description="KV-cache compression compiled into the model")
     sub = parser.add_subparsers(dest="command", required=True)

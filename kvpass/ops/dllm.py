@@ -1,6 +1,6 @@
 """``kvpass::elastic_attend``: the attention of one diffusion-LM layer under Elastic-Cache.
 
-Schema, fake implementation and pure-torch reference together (as in :mod:`kvpass.ops`). Shapes,
+Schema, fake implementation and pure-torch reference together (as in :mod:`kvpass.ops.kv`). Shapes,
 per layer, for a canvas of ``N`` positions of which ``Q`` rows are run this step:
 
 * ``q, k, v`` ``[B, H, Q, D]``: the rows' queries/keys/values (after RoPE);

@@ -1,4 +1,4 @@
-"""Run a block graph (from :class:`kvpass.passes.BlockwisePrefill`) over a prompt of any length.
+"""Run a block graph (:mod:`kvpass.passes.block_graph`) over a prompt of any length.
 
 The prompt is split into blocks of ``prefill_block`` tokens; the *first* block is left-padded so every
 block is full (one compiled graph, no recompiles) and the last block ends on the prompt's last token
@@ -8,132 +8,51 @@ budget, so the KV held never exceeds budget + one block, however long the prompt
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
-import torch.fx as fx
 
-from kvpass.analysis import AttentionSite, UnsupportedGraph, node_value
-from kvpass.passes import BlockInputs, BlockwisePrefill, InsertKVEviction, LayerPlan
-from kvpass.session import Session
+from kvpass.errors import OptionError
+from kvpass.passes import LayerPlan
+from kvpass.passes.block_graph import BlockLayout, TokenInput, split_prompt
+from kvpass.runtime.state import GraphRecord, attach_states
 
-if TYPE_CHECKING:
-    from kvpass.config import KVPassOptions
-
-
-def split_prompt(length: int, block: int) -> tuple[int, int]:
-    """(number of blocks, left padding) of a ``length``-token prompt prefilled in blocks of ``block`` tokens:
-    every block full, the padding in front of the first one, the last block ending on the last token."""
-    n_blocks = max(1, math.ceil(length / block))
-    return n_blocks, n_blocks * block - length
+# Token ids appended to every block of the prefills run in this context as observation-only queries (EpiCache's
+# patched prompt), "repeat" for a copy of the block itself (KVzip-style), or None: a parameter of the calls made in
+# a ``with observing(...)`` block (per thread and task), never state of a compiled model
+_OBSERVATION: contextvars.ContextVar[torch.Tensor | str | None] = contextvars.ContextVar("kvpass_observation",
+                                                                                        default=None)
 
 
-@dataclasses.dataclass
-class TokenInput:
-    index: int   # position among the graph's inputs
-    dim: int     # its sequence dimension
-    role: str    # "input_ids", "position_ids", "attention_mask" or "other"
-
-
-@dataclasses.dataclass
-class BlockLayout:
-    """Which inputs and outputs of a block graph run along the prompt."""
-
-    tokens: list[TokenInput]
-    seq_inputs: list[int]              # SymInt inputs equal to the prompt length
-    token_outputs: dict[int, int]      # output index -> sequence dim
-    stores: list[tuple[torch.Size, torch.dtype]]  # per layer (plan order): store shape (batch 0), dtype
-
-    @classmethod
-    def of(cls, placeholders: list[fx.Node], outputs: list[fx.Node], block: BlockInputs,
-           plans: list[LayerPlan]) -> BlockLayout:
-        seq = block.seq.node.expr
-        tokens, seq_inputs = [], []
-        for i, node in enumerate(placeholders):
-            value = node_value(node)
-            if isinstance(value, torch.SymInt) and value.node.expr == seq:
-                seq_inputs.append(i)
-            elif isinstance(value, torch.Tensor):
-                dims = _seq_dims(value, seq)
-                if dims:
-                    role = next((r for r in ("input_ids", "position_ids", "attention_mask") if r in node.name), "other")
-                    tokens.append(TokenInput(i, dims[0], role))
-        if not any(t.role == "position_ids" for t in tokens):
-            raise UnsupportedGraph(
-                "kvpass: block-wise prefill needs the tokens' positions as an input, but this prefill graph takes "
-                "no position_ids (the model would restart RoPE positions at 0 in every block). Pass position_ids= "
-                "(generate() does)."
-            )
-        token_outputs = {}
-        for i, node in enumerate(outputs):
-            value = node_value(node) if isinstance(node, fx.Node) else None
-            if isinstance(value, torch.Tensor):
-                dims = _seq_dims(value, seq)
-                if dims:
-                    token_outputs[i] = dims[0]
-        stores = []
-        for plan in plans:
-            k = node_value(block.past[plan.layer][0])
-            stores.append((k.shape, k.dtype))
-        return cls(tokens, seq_inputs, token_outputs, stores)
-
-
-@dataclasses.dataclass
-class BlockRewrite:
-    """What :func:`rewrite_blocks` made of a prefill graph."""
-
-    block: BlockInputs
-    plans: list[LayerPlan]
-    layout: BlockLayout
-    n_outputs: int               # the graph's outputs before the rewrite (the state outputs follow them)
-    counters: dict[str, int]     # both passes' counters
-
-
-def rewrite_blocks(graph: fx.Graph, sites: list[AttentionSite], options: KVPassOptions) -> BlockRewrite:
-    """Rewrite a dynamic-length prefill ``graph`` (in place) into the block graph: :class:`BlockwisePrefill`
-    with the capacities :class:`InsertKVEviction` gives each layer, then ``InsertKVEviction`` with the block
-    inputs. Its inputs: the graph's own, the stores ``k_0, v_0, ...``, ``valid``, ``observe``, then the store
-    metadata ``pos_0, acc_0, seen_0, ...``. Shared by the backend's block-wise prefill and ``kvpass export``."""
-    sliding = [site.layer for site in sites if site.window and not site.masked_window]
-    if sliding:
-        raise UnsupportedGraph(
-            f"kvpass: option 'prefill_block'={options.prefill_block} does not support sliding-window layers (layers "
-            f"{sliding}, window {sites[sliding[0]].window}): HF keeps those layers' window itself and sizes their "
-            "masks from its own token counter, which the block graph's stores cannot follow. Leave 'prefill_block' "
-            "unset for this model (its sliding layers are bounded by their window already)"
-        )
-    latent = [site.layer for site in sites if site.attn_keys is not None]
-    if latent:
-        raise UnsupportedGraph(
-            f"kvpass: option 'prefill_block'={options.prefill_block} does not support latent caches (layers {latent} "
-            "project their keys and values from a cached latent, as MLA does): the model's projection is traced for "
-            "the prompt's own length and cannot be run over a store plus a block. Leave 'prefill_block' unset for "
-            "this model"
-        )
-    seq = BlockwisePrefill.prompt_symbol(sites)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    n_outputs = len(graph.output_node().args[0])
-    rewrite = InsertKVEviction(options)
-    to_blocks = BlockwisePrefill({site.layer: rewrite.budget(site, len(sites), seq, False)[1] for site in sites})
-    block = to_blocks(graph, sites)
-    plans = rewrite(graph, sites, block)
-    layout = BlockLayout.of(placeholders, list(graph.output_node().args[0][:n_outputs]), block, plans)
-    return BlockRewrite(block, plans, layout, n_outputs, {**rewrite.counters, **to_blocks.counters})
+@contextlib.contextmanager
+def observing(observe: torch.Tensor | str | None) -> Iterator[None]:
+    """Block-wise prefills run inside this block append ``observe`` to every block as observation-only queries: they
+    attend and are scored from like ordinary tokens but are never stored. ``observe``: token ids, ``"repeat"`` (each
+    block observed by a copy of itself, KVzip-style), or None (the policy's own rule)."""
+    if isinstance(observe, str) and observe != "repeat":
+        raise OptionError(f"kvpass: observe must be token ids, 'repeat' or None, got {observe!r}")
+    if observe is not None and not isinstance(observe, str | torch.Tensor):
+        raise OptionError(f"kvpass: observe must be token ids (a tensor), 'repeat' or None, got {observe!r}")
+    token = _OBSERVATION.set(observe)
+    try:
+        yield
+    finally:
+        _OBSERVATION.reset(token)
 
 
 class BlockwiseRunner:
     """Call a compiled block graph once per block, threading the stores and their metadata."""
 
     def __init__(self, compiled: Callable, layout: BlockLayout, plans: list[LayerPlan], block_size: int,
-                 session: Session, n_outputs: int, store_outputs: dict[int, tuple[int, int]]) -> None:
+                 record: GraphRecord, packed: bool, n_outputs: int, store_outputs: dict[int, tuple[int, int]]) -> None:
         self.compiled = compiled
         self.layout = layout
         self.plans = plans
         self.block_size = block_size
-        self.session = session
+        self.record = record
+        self.packed = packed
         self.n_outputs = n_outputs
         self.store_outputs = store_outputs  # layer -> output indices of its keys and values store
         self._boxed: Callable | bool | None = None  # resolved on the first call
@@ -145,7 +64,7 @@ class BlockwiseRunner:
         device = first.device
         block = self.block_size
         n_blocks, pad = split_prompt(t, block)
-        observe_ids = self.session.observation_ids
+        observe_ids = _OBSERVATION.get()
         repeat = isinstance(observe_ids, str)  # "repeat": each block observed by a copy of itself (KVzip-style)
         n_obs = 0 if observe_ids is None else block if repeat else observe_ids.shape[-1]
         if n_obs and any(tok.role == "other" for tok in layout.tokens):
@@ -202,7 +121,7 @@ class BlockwiseRunner:
                         and x.is_floating_point():
                     outs[j] = torch.full_like(x, float("nan"))
         stores = {layer: outs[k] for layer, (k, _) in self.store_outputs.items()}
-        self.session.update(self.plans, outs, self.n_outputs, stores)
+        attach_states(self.plans, outs, self.n_outputs, stores, self.record, self.packed)
         return outs[: self.n_outputs]
 
 
@@ -235,11 +154,6 @@ def _boxed_runtime(compiled: Callable) -> Callable | None:
             return torch._dynamo.disable(inner, reason="kvpass block graph runtime")
         fn = getattr(fn, "__wrapped__", None)
     return None
-
-
-def _seq_dims(value: torch.Tensor, seq) -> list[int]:
-    """Dimensions of ``value`` whose size is the prompt-length symbol ``seq``."""
-    return [d for d, size in enumerate(value.shape) if isinstance(size, torch.SymInt) and size.node.expr == seq]
 
 
 def _pad_front(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:

@@ -37,8 +37,8 @@ def _keys(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) 
 
     kwargs = {} if mask is None else {"attention_mask": mask[None, None]}
     out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
-                past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1, **kwargs)
-    return [layer.keys.float() for layer in out.past_key_values.layers]
+                cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1, **kwargs)
+    return [layer.keys.float() for layer in out.cache.layers]
 
 
 def key_similarity(model: torch.nn.Module, ids: Sequence[int], block: int, sinks: int = 128,
