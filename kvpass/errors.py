@@ -16,6 +16,13 @@ class KVPassError(ShortenTraceback):
     def __init__(self, message: str) -> None:
         super().__init__(message, first_useful_frame=None)
 
+    def __str__(self) -> str:
+        # Dynamo appends the user frame that triggered the compile (kept: it says which forward) and a note about
+        # reporting bugs to PyTorch with verbose logs (dropped: this is the user's input, not a PyTorch bug)
+        text = super().__str__()
+        note = text.find("\nSet TORCHDYNAMO_VERBOSE=1")
+        return text if note < 0 else text[:note].rstrip("\n")
+
 
 class OptionError(KVPassError, ValueError):
     """An option of ``backend="kvpass"`` (or of a kvpass API) is unknown, out of range or inconsistent."""

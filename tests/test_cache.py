@@ -6,6 +6,7 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 import kvpass
+from kvpass.runtime.state import store_state
 
 
 def compiled(model, **options):
@@ -55,7 +56,7 @@ def test_generate_continues_a_conversation_exactly_while_the_budget_covers_it(op
     # the whole conversation but its last generated token went through the cache
     assert cache.get_seq_length() == got[-1].sequences.shape[1] - 1
     # prefill, one-token decode step, and one graph for the follow-ups (Dynamo makes it dynamic in their length)
-    assert [g["kind"] for g in kvpass.explain().graphs] == ["prefill", "decode", "decode"]
+    assert [g["kind"] for g in kvpass.explain(model).graphs] == ["prefill", "decode", "decode"]
 
 
 def test_follow_ups_over_per_layer_budgets_keep_each_layer_at_its_budget():
@@ -100,3 +101,35 @@ def test_uncompressed_forwards_see_a_plain_dynamic_cache():
         out = model(input_ids=ids, cache=cache).logits
     torch.testing.assert_close(out, ref)
     assert cache.get_seq_length() == 12 and cache.get_mask_sizes(3, 0) == (15, 0)
+
+
+def test_batch_row_operations_carry_each_rows_state():
+    # beam search reorders the cache's rows every step; each row's kvpass state must follow its row
+    model = tiny_model()
+    ids = turns()[0]
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, early_stopping=True)
+    ref = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+    model.forward = compiled(model, policy="h2o", budget=64)
+    cache = kvpass.CompressedCache(config=model.config)
+    assert torch.equal(model.generate(ids, cache=cache, **kw), ref)
+    assert cache.get_seq_length() == ids.shape[1] + 5  # the count moved with the rows
+    # rows that evicted differently (left padding): their positions, statistics and counts move with them
+    model.forward = compiled(model, policy="h2o", budget=16)
+    cache = kvpass.CompressedCache(config=model.config)
+    batch = turns(batch=2)[0]
+    mask = torch.ones_like(batch)
+    mask[0, :9] = 0
+    model(input_ids=batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache)
+    before = [store_state(layer.keys) for layer in cache.layers]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    cache.batch_repeat_interleave(2)
+    for layer, old in zip(cache.layers, before, strict=True):
+        new = store_state(layer.keys)
+        order = torch.tensor([1, 1, 0, 0])
+        assert torch.equal(new.pos, old.pos[order]) and torch.equal(new.seen, old.seen[order])
+        assert torch.equal(new.acc, old.acc[order]) and new.pos.shape[0] == layer.keys.shape[0]
+    assert not torch.equal(before[0].pos[0], before[0].pos[1])
+    cache.batch_select_indices(torch.tensor([2]))
+    assert store_state(cache.layers[0].keys).seen.tolist() == [31]
+    with pytest.raises(kvpass.KVPassError, match=r"crop\(10\) cannot cut a compressed cache"):
+        cache.crop(10)

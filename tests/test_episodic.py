@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_model
 
 from kvpass.apps.episodic import EpisodicCache, answer, compress_context
+from kvpass.runtime.state import store_state
 
 
 def compiled(model, **options):
@@ -42,7 +43,8 @@ def test_repeat_observation_compresses_to_the_budget_and_keeps_the_context_reusa
     context = torch.randint(1, 128, (100,), generator=torch.Generator().manual_seed(4)).tolist()
     ctx = compress_context(forward, model, options, context, observe="repeat")
     assert ctx.cache.layers[0].keys.shape[2] == 24
-    assert all(int(state.pos.max()) < 100 and int(state.seen[0]) == 100 for state in ctx.layers.values())
+    states = [store_state(layer.keys) for layer in ctx.cache.layers]
+    assert all(int(state.pos.max()) < 100 and int(state.seen[0]) == 100 for state in states)
     first = answer(forward, model, ctx, [5, 6, 7], 4)
     assert answer(forward, model, ctx, [5, 6, 7], 4) == first
     with pytest.raises(ValueError, match="'repeat' or None, got 'again'"):
@@ -57,7 +59,7 @@ def test_episodic_cache_builds_one_cache_per_episode_and_routes_questions():
     epi.build(context, segments)
     assert len(epi.contexts) == 2 and all(len(p) == 8 for p in epi.patched_prompts)
     assert all(c.cache.layers[0].keys.shape[2] == 24 for c in epi.contexts)
-    assert not torch.equal(epi.contexts[0].layers[0].pos, epi.contexts[1].layers[0].pos)
+    assert not torch.equal(*(store_state(c.cache.layers[0].keys).pos for c in epi.contexts[:2]))
     low_topic, high_topic = epi.route(list(range(2, 20))), epi.route(list(range(70, 90)))
     assert low_topic != high_topic
     tokens, episode = epi.answer(list(range(70, 90)), 3)

@@ -9,16 +9,24 @@ Two things Hugging Face reads off a cache's tensors stop holding once kvpass kee
   With per-layer budgets (PyramidKV, ``layer_budgets``) the layers' stores differ in length, and a forward of several
   tokens (a follow-up question) no longer traces.
 
-:class:`CompressedCache` answers both, and is otherwise a ``DynamicCache``.
+A third: **batch-row operations** (beam search's ``reorder_cache``, ``batch_select_indices``,
+``batch_repeat_interleave``) make new key tensors; the cache carries each store's kvpass state over to them, row for
+row (a plain ``DynamicCache`` would leave the new stores without it, and kvpass would take every slot for a token in
+position order).
+
+:class:`CompressedCache` answers all three, and is otherwise a ``DynamicCache``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from kvpass.runtime.state import store_state
+from kvpass.errors import KVPassError
+from kvpass.runtime.state import STATE_ATTR, store_state
 
 
 class CompressedCache(DynamicCache):
@@ -41,6 +49,32 @@ class CompressedCache(DynamicCache):
         if state is None:  # not (yet) a kvpass store: every token is still in its slot
             return slots
         return int(state.seen.max())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows_with_state(lambda x: x.index_select(0, beam_idx.to(x.device)), super().reorder_cache, beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows_with_state(lambda x: x[indices, ...], super().batch_select_indices, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows_with_state(lambda x: x.repeat_interleave(repeats, dim=0), super().batch_repeat_interleave, repeats)
+
+    def crop(self, max_length: int) -> None:
+        if any(store_state(getattr(layer, "keys", None)) is not None for layer in self.layers):
+            raise KVPassError(
+                f"kvpass: crop({max_length}) cannot cut a compressed cache: its slots hold the kept tokens of the "
+                "whole sequence, not its last tokens in order (assisted or DoLa decoding crop the cache). Use "
+                "generate() without an assistant model, or a DynamicCache without kvpass")
+        super().crop(max_length)
+
+    def _rows_with_state(self, rows, operation, argument) -> None:
+        """Run HF's batch-row ``operation`` and apply the same ``rows`` selection to each store's kvpass state."""
+        states = [store_state(getattr(layer, "keys", None)) for layer in self.layers]
+        operation(argument)
+        for layer, state in zip(self.layers, states, strict=True):
+            if state is not None:
+                setattr(layer.keys, STATE_ATTR,
+                        dataclasses.replace(state, pos=rows(state.pos), acc=rows(state.acc), seen=rows(state.seen)))
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         if (torch.compiler.is_compiling() and layer_idx < len(self.layers)
