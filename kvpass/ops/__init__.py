@@ -1,10 +1,12 @@
 """``kvpass::*`` custom ops, each with its schema, fake (meta) implementation and pure-torch reference together.
 
 Importing this package registers every op: :mod:`kvpass.ops.kv` (the fixed-capacity KV store: extend, attend,
-score, compact, and their head-packed forms) and :mod:`kvpass.ops.dllm` (Elastic-Cache's drift-tested attention).
+score, compact, and their head-packed forms), :mod:`kvpass.ops.dllm` (Elastic-Cache's drift-tested attention) and
+:mod:`kvpass.ops.partial` (attention over one part of a split store and the exact log-sum-exp merge of the parts:
+tiered stores, KV across ranks, shared prefixes).
 """
 
-from kvpass.ops import dllm
+from kvpass.ops import dllm, partial
 from kvpass.ops.kv import (
     REFERENCES,
     attend_reference,
@@ -14,6 +16,8 @@ from kvpass.ops.kv import (
     slot_heads,
     tokens_per_head,
 )
+from kvpass.ops.partial import PARTIAL_REFERENCES, attend_part_reference, merge_parts_reference, merge_two
 
-__all__ = ["REFERENCES", "attend_reference", "compact_reference", "dllm", "pack_positions", "score_reference",
-           "slot_heads", "tokens_per_head"]
+__all__ = ["PARTIAL_REFERENCES", "REFERENCES", "attend_part_reference", "attend_reference", "compact_reference", "dllm",
+           "merge_parts_reference", "merge_two", "pack_positions", "partial", "score_reference", "slot_heads",
+           "tokens_per_head"]

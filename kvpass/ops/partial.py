@@ -1,0 +1,158 @@
+"""Attention over a KV store split into parts: each part's partial output and log-sum-exp, merged exactly.
+
+One primitive serves every feature that keeps a layer's KV in more than one place:
+
+* a tiered store whose lower tier computes its share of attention where its KV lives (InstInfer: Pan et al.,
+  arXiv:2409.04992) and hands back only a partial output and its log-sum-exp;
+* KV spread over ``torch.distributed`` ranks, each attending to its own slots, the partial results gathered and
+  merged (Infinite-LLM's DistAttention: Lin et al., arXiv:2401.02669);
+* a prefix store shared by many rows next to each row's own store.
+
+:func:`attend_part_reference` (``kvpass::attend_part``) attends the queries to *one* part and returns its output,
+normalized within the part, with the log of the part's softmax denominator; :func:`merge_parts_reference`
+(``kvpass::merge_parts``) combines any number of them. The merge is the log-sum-exp rescaling FlashAttention
+applies between key blocks (Dao et al., arXiv:2205.14135; its split-K decode, "Flash-Decoding", merges the same
+way): with ``L = logsumexp_p(lse_p)``, ``out = sum_p exp(lse_p - L) * out_p`` is exactly the softmax over the union
+of the parts' slots, in any order and any grouping (so ring passes may merge two at a time: :func:`merge_two`).
+
+Layout as in :mod:`kvpass.ops.kv`: keys/values ``[B, H_kv, N, D]``, ``k_pos [B, H_kv, N]`` int64 logical positions
+(-1: empty or padding slot), query heads ``H_q = group * H_kv`` (query head ``j`` reads kv head ``j // group``).
+Visibility is by position only, not by slot index, so a part may hold any subset of the store's slots in any
+order: a query at position ``p`` sees slots with ``0 <= k_pos <= p`` (and ``p - k_pos < window`` with a sliding
+window). A query that sees no slot of a part gets ``lse = -inf`` and a zero output from it, which the merge weighs
+by zero; no NaN is ever produced (unlike :func:`kvpass.ops.kv.attention_mask`, no query attends to itself by
+default: a padding query, ``q_pos = -1``, sees nothing and keeps a zero output).
+
+Both ops are functional, so graphs that use them stay compilable and exportable. Triton kernels:
+``kvpass.kernels.merge_parts`` and ``kvpass.kernels.attend_part``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvpass.ops.kv import _CHUNK_ELEMENTS, _QUERY_CHUNK, soft_capped
+
+_NEG_INF = float("-inf")
+
+
+def part_mask(k_pos: Tensor, q_pos: Tensor, window: int = 0) -> Tensor:
+    """``[B, H_kv, T, N]`` bool: query ``i`` (at position ``q_pos[b, i]``) sees slot ``n`` of kv head ``h``:
+    ``0 <= k_pos <= q_pos`` and, with a sliding ``window > 0``, ``q_pos - k_pos < window``."""
+    kp = k_pos[:, :, None, :]
+    qp = q_pos[:, None, :, None]
+    visible = (kp >= 0) & (kp <= qp)
+    if window > 0:
+        visible = visible & (qp - kp < window)
+    return visible
+
+
+def attend_part_reference(
+    q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor, scale: float, window: int = 0,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Attention of ``T`` queries over one part of a store: its normalized output and log-sum-exp.
+
+    q: ``[B, H_q, T, D]``; k: ``[B, H_kv, N, D]``; v: ``[B, H_kv, N, D_v]``; k_pos: ``[B, H_kv, N]`` int64 (-1:
+    empty); q_pos: ``[B, T]`` int64 each query's position (-1: a padding query, which sees nothing); scale: the
+    logits' factor; window: sliding-window length, 0 for none; softcap: logits become
+    ``softcap * tanh(logits / softcap)`` after scaling (Gemma-2), 0 for none.
+
+    Returns ``(out [B, H_q, T, D_v] in q's dtype, lse [B, H_q, T] float32)``: ``out`` is the softmax-weighted sum
+    of the visible values of this part, ``lse`` the natural log of its softmax denominator (the sum over visible
+    slots of ``exp(logit)``). A row that sees no slot gets ``out = 0``, ``lse = -inf``. Computed in float32; the
+    queries go in chunks so the ``[rows, N]`` temporaries stay bounded for long ``T``.
+    """
+    b, hq, t, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    dv = v.shape[-1]
+    group = hq // hkv
+    # GQA without copying K/V: fold each group of query heads into the query axis (as kv.attend_reference does)
+    qg = q.view(b, hkv, group, t, d)
+    kf, vf = k.float(), v.float()
+    rows = max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // max(1, group * n))) if isinstance(n, int) else _QUERY_CHUNK
+    outs: list[Tensor] = []
+    lses: list[Tensor] = []
+    for start in range(0, t, rows):
+        stop = min(start + rows, t)
+        r = stop - start
+        qc = qg[:, :, :, start:stop].reshape(b, hkv, group * r, d).float()
+        logits = soft_capped((qc @ kf.transpose(-1, -2)) * scale, softcap).view(b, hkv, group, r, n)
+        visible = part_mask(k_pos, q_pos[:, start:stop], window)[:, :, None]  # [B, H_kv, 1, r, N]
+        logits = logits.masked_fill(~visible, _NEG_INF)
+        lse = torch.logsumexp(logits, dim=-1)  # -inf where nothing is visible
+        # exp(-inf - 0) = 0: a row with nothing visible gets zero weights, so a zero output, never NaN
+        weights = torch.exp(logits - torch.where(lse == _NEG_INF, 0.0, lse)[..., None])
+        outs.append((weights.view(b, hkv, group * r, n) @ vf).view(b, hkv, group, r, dv))
+        lses.append(lse)
+    if not outs:  # no queries
+        return q.new_zeros(b, hq, 0, dv), q.new_zeros(b, hq, 0, dtype=torch.float32)
+    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+    lse = torch.cat(lses, dim=3) if len(lses) > 1 else lses[0]
+    return out.reshape(b, hq, t, dv).to(q.dtype), lse.reshape(b, hq, t).contiguous()
+
+
+attend_part = torch.library.custom_op("kvpass::attend_part", mutates_args=())(attend_part_reference)
+
+
+@attend_part.register_fake
+def _(q, k, v, k_pos, q_pos, scale, window=0, softcap=0.0):
+    b, hq, t = q.shape[:3]
+    return q.new_empty(b, hq, t, v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32)
+
+
+def sink_lse(sinks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Learned sink logits as a part's ``lse`` of ``shape`` ``[B, H, T]``, float32: ``[H]`` (one per head,
+    GPT-OSS) or anything broadcastable to ``[B, H, T]``."""
+    sinks = sinks.float()
+    if sinks.dim() == 1:
+        sinks = sinks.view(1, -1, 1)
+    return sinks.expand(shape)
+
+
+def merge_parts_reference(outs: Tensor, lses: Tensor, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exact merge of ``P`` partial attentions over disjoint parts of one store.
+
+    outs: ``[P, B, H, T, D_v]`` each part's normalized output; lses: ``[P, B, H, T]`` float32 their log-sum-exps;
+    sinks: ``None`` or learned attention-sink logits, ``[H]`` (or broadcastable to ``[B, H, T]``), float: each is
+    one more part with that ``lse`` and a zero output, i.e. ``exp(sink)`` joins the softmax denominator (GPT-OSS).
+
+    Returns ``(out [B, H, T, D_v] in outs' dtype, lse [B, H, T] float32)``: ``lse = logsumexp_p(lse_p)`` (sinks
+    included) and ``out = sum_p exp(lse_p - lse) * out_p``. Parts with ``lse_p = -inf`` contribute nothing (their
+    outputs are not read, so even a NaN there is ignored); a row whose parts are all ``-inf`` gets ``out = 0``
+    and ``lse = -inf`` (``lse = sink`` with sinks: the sink is a part), never NaN.
+    """
+    lse_all = lses.float()
+    if sinks is not None:
+        lse_all = torch.cat([lse_all, sink_lse(sinks, lses.shape[1:])[None]], dim=0)
+    lse = torch.logsumexp(lse_all, dim=0)
+    weights = torch.exp(lses.float() - torch.where(lse == _NEG_INF, 0.0, lse))[..., None]  # [P, B, H, T, 1]
+    terms = torch.where(weights > 0, weights * outs.float(), 0.0)
+    return terms.sum(dim=0).to(outs.dtype), lse
+
+
+merge_parts = torch.library.custom_op("kvpass::merge_parts", mutates_args=())(merge_parts_reference)
+
+
+@merge_parts.register_fake
+def _(outs, lses, sinks=None):
+    return outs.new_empty(outs.shape[1:]), lses.new_empty(lses.shape[1:], dtype=torch.float32)
+
+
+def merge_two(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two partial attentions (``[..., D_v]`` outputs, ``[...]`` log-sum-exps), as :func:`merge_parts` does
+    for ``P = 2``: the step of a ring pass that folds in one more part at a time. Returns ``(out in out_a's dtype,
+    lse float32)``."""
+    return merge_parts(torch.stack([out_a, out_b.to(out_a.dtype)]), torch.stack([lse_a.float(), lse_b.float()]))
+
+
+# op overload → its pure-torch reference (kept apart from kv.REFERENCES, which the lowering passes hand to
+# AOTAutograd as decompositions)
+PARTIAL_REFERENCES = {
+    torch.ops.kvpass.attend_part.default: attend_part_reference,
+    torch.ops.kvpass.merge_parts.default: merge_parts_reference,
+}
+
+__all__ = ["PARTIAL_REFERENCES", "attend_part", "attend_part_reference", "merge_parts", "merge_parts_reference",
+           "merge_two", "part_mask", "sink_lse"]
