@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kvpass.apps.cli import positive_int
+from kvpass.validate import choice, csv, positive_int
 
 MODES = ("full", "kvpass", "kvpass-tokenwise")
 
@@ -78,13 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy", default="pyramidkv")
     parser.add_argument("--budget", type=positive_int, default=256)
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", type=csv(choice(MODES, "mode")), default=list(MODES),
+                        help=f"comma-separated, of {', '.join(MODES)} (default: all)")
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    modes = args.modes.split(",")
-    if unknown := [m for m in modes if m not in MODES]:
-        parser.error(f"--modes: unknown mode(s) {unknown}; valid: {list(MODES)}")
+    modes = args.modes
     if args.threads:
         torch.set_num_threads(args.threads)
 

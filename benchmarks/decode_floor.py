@@ -32,17 +32,9 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 import kvpass
-from kvpass.apps.cli import positive_int
+from kvpass.validate import choice, csv, positive_int
 
-
-def _positive_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
+MODELS = ("smollm2-135m", "gemma3-270m", "tiny")  # tiny: a random 2-layer Llama (mechanics and speed only)
 
 
 def load_model(name: str):
@@ -133,11 +125,12 @@ def grid(args) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=lambda s: s.split(","), default=["smollm2-135m", "tiny"],
-                   help="comma-separated: smollm2-135m, gemma3-270m, tiny (default: %(default)s)")
-    p.add_argument("--contexts", type=_positive_list, default=None, help="prompt lengths (default per model)")
-    p.add_argument("--budgets", type=_positive_list, default=[1024], help="kvpass budgets (default: %(default)s)")
-    p.add_argument("--policy", default="snapkv", help="kvpass policy (default: %(default)s)")
+    p.add_argument("--models", type=csv(choice(MODELS, "model")), default=["smollm2-135m", "tiny"],
+                   help=f"comma-separated, of {', '.join(MODELS)} (default: smollm2-135m,tiny)")
+    p.add_argument("--contexts", type=csv(positive_int), default=None, help="prompt lengths (default per model)")
+    p.add_argument("--budgets", type=csv(positive_int), default=[1024], help="kvpass budgets (default: %(default)s)")
+    p.add_argument("--policy", default="snapkv", choices=sorted(kvpass.POLICIES),
+                   help="kvpass policy (default: %(default)s)")
     p.add_argument("--steps", type=positive_int, default=32, help="decode steps timed (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--repeats", type=positive_int, default=1,
@@ -151,13 +144,6 @@ def main(argv=None) -> int:
     if args.row:
         print(json.dumps(run_row(json.loads(args.row))))
         return 0
-    from kvpass.policies import POLICIES
-
-    if args.policy not in POLICIES:
-        p.error(f"unknown policy {args.policy!r}; valid: {sorted(POLICIES)}")
-    for m in args.models:
-        if m not in ("smollm2-135m", "gemma3-270m", "tiny"):
-            p.error(f"unknown model {m!r}; valid: smollm2-135m, gemma3-270m, tiny")
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # honest compile times
     rows = grid(args)
     runs: list[list[dict]] = [[] for _ in rows]

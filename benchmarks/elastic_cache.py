@@ -35,8 +35,8 @@ from kvpass.models.data.arithmetic import EOS, arithmetic_problems, chance_accur
 from kvpass.models.llada import load_llada
 from kvpass.models.llada_generate import generate_dual_cache, generate_llada, generate_window
 
-from kvpass.apps.cli import non_negative_int, positive_int
 from kvpass.apps.elastic import ElasticCacheGenerator, ElasticConfig
+from kvpass.validate import non_negative_int, positive_int
 
 
 def agreement(ref: torch.Tensor, out: torch.Tensor, plen: int) -> tuple[int, int]:
@@ -219,11 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--problems", type=positive_int, default=50)
     ap.add_argument("--llada-problems", type=non_negative_int, default=10,
                     help="LLaDA no-cache decoding runs on this many problems (slow); --accuracy-only: plus the misses")
-    ap.add_argument("--sweep-problems", type=int, default=20)
-    ap.add_argument("--gen-lengths", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--sweep-problems", type=positive_int, default=20)
+    ap.add_argument("--gen-lengths", type=positive_int, nargs="+", default=[256, 512])
     ap.add_argument("--gammas", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995])
     ap.add_argument("--gamma", type=float, default=0.9)
-    ap.add_argument("--sweep-length", type=int, default=256, help="generation length of the gamma sweep and trace")
+    ap.add_argument("--sweep-length", type=positive_int, default=256,
+                    help="generation length of the gamma sweep and trace")
     ap.add_argument("--boundary", default="fresh")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--compile", default=None, help="also time Elastic-Cache with its layer graphs compiled "

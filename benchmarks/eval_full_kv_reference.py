@@ -18,24 +18,22 @@ import sys
 import torch
 
 from kvpass.apps.eval import BENCHMARKS, BenchConfig, format_table, run_grid
-
-
-def _csv(kind: type) -> object:
-    return lambda text: [kind(t) for t in text.split(",") if t.strip()]
+from kvpass.validate import choice, csv, fraction, non_negative_int, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--benchmarks", type=_csv(str), default=["niah", "niah-multikey", "locomo", "ppl-essays"])
-    p.add_argument("--lengths", type=_csv(int), default=[1024, 2048, 4096])
-    p.add_argument("--depths", type=_csv(float), default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--samples", type=int, default=2, help="NIAH samples per (length, depth)")
-    p.add_argument("--conversations", type=int, default=4)
+    p.add_argument("--benchmarks", type=csv(choice(list(BENCHMARKS), "benchmark")),
+                   default=["niah", "niah-multikey", "locomo", "ppl-essays"])
+    p.add_argument("--lengths", type=csv(positive_int), default=[1024, 2048, 4096])
+    p.add_argument("--depths", type=csv(fraction()), default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--samples", type=positive_int, default=2, help="NIAH samples per (length, depth)")
+    p.add_argument("--conversations", type=positive_int, default=4)
     p.add_argument("--distractors", action="store_true")
-    p.add_argument("--ppl-lengths", type=_csv(int), default=[1024, 4096])
-    p.add_argument("--ppl-target", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--ppl-lengths", type=csv(positive_int), default=[1024, 4096])
+    p.add_argument("--ppl-target", type=positive_int, default=64)
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", default="results/reference")
     args = p.parse_args(argv)
     if args.threads:

@@ -22,7 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-from kvpass.lowering.export import FORMATS, export, get_format, load, resolve_model
+from kvpass.lowering.export import FORMATS, get_format
+
+from kvpass import export, load
+from kvpass.exporter import resolve_model
+from kvpass.validate import ArgType, check_int, choice, csv, non_negative_int, positive_int
+
+
+def _block(text: str) -> int | None:
+    return None if text == "none" else int(text)
+
+
+BLOCKS = ArgType(_block, lambda b: b if b is None else check_int(b), "'none' or a positive integer")
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -66,23 +77,25 @@ def compiled_tokens(model: torch.nn.Module, ids: list[int], steps: int, options:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama), a shipped name or an HF directory")
-    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--formats", type=csv(choice(FORMATS, "format")), default=list(FORMATS))
     p.add_argument("--policy", default="snapkv")
-    p.add_argument("--budget", type=int, default=16)
-    p.add_argument("--window", type=int, help="the policy's observation window (default: the policy's own)")
-    p.add_argument("--prompt-len", type=int, default=40, help="for the static-shape formats, whole-prompt prefill")
-    p.add_argument("--prefill-block", default="none,8", help="comma list: 'none' (whole-prompt prefill) and/or block "
-                   "sizes (%(default)s)")
-    p.add_argument("--check-prompt", type=int, default=0, help="check the artifacts' tokens on a prompt of N tokens")
-    p.add_argument("--check-steps", type=int, default=32)
+    p.add_argument("--budget", type=positive_int, default=16)
+    p.add_argument("--window", type=positive_int, help="the policy's observation window (default: the policy's own)")
+    p.add_argument("--prompt-len", type=positive_int, default=40,
+                   help="for the static-shape formats, whole-prompt prefill")
+    p.add_argument("--prefill-block", type=csv(BLOCKS), default=[None, 8],
+                   help="comma list: 'none' (whole-prompt prefill) and/or block sizes (default: none,8)")
+    p.add_argument("--check-prompt", type=non_negative_int, default=0,
+                   help="check the artifacts' tokens on a prompt of N tokens (0: no check)")
+    p.add_argument("--check-steps", type=positive_int, default=32)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model = tiny_llama() if args.model == "tiny" else resolve_model(args.model)
-    blocks = [None if b == "none" else int(b) for b in args.prefill_block.split(",")]
+    blocks = args.prefill_block
     options = {"policy": args.policy, "budget": args.budget, **({} if args.window is None else {"window": args.window})}
     print(f"model={args.model} {options} torch={torch.__version__}")
     print(f"{'format':<6} {'prefill':<10} {'export s':>9} {'size MiB':>9}  {'tokens':<8} files")
-    for name in args.formats.split(","):
+    for name in args.formats:
         fmt = get_format(name)
         for block in blocks:
             static = ({"prefill_block": block} if block else {} if fmt.dynamic_prompt

@@ -40,7 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
-from kvpass.apps.cli import positive_int
+from kvpass.validate import csv, positive_int, word
 
 ATTENTION = ("sdpa", "eager")
 MEMORY_LIMIT = 8 << 30  # bytes of address space per model type
@@ -147,7 +147,7 @@ def check(model_type: str, attn: str) -> dict:
             if budget == 64:
                 diff = max_logit_diff(out, ref)
                 same = bool(torch.equal(out.sequences, ref.sequences))
-                graphs = kvpass.explain().graphs
+                graphs = kvpass.explain(model).graphs
                 row.update(status="exact" if same and diff <= 1e-5 else "mismatch", max_logit_diff=diff,
                            tokens_equal=same, sites=[len(g["budgets"]) for g in graphs][:1],
                            rewritten=[g["counters"].get("prefill_sites", 0) for g in graphs][:1],
@@ -174,7 +174,8 @@ def check(model_type: str, attn: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--types", help="comma-separated model types (default: every causal-LM type of transformers)")
+    p.add_argument("--types", type=csv(word),
+                   help="comma-separated model types (default: every causal-LM type of transformers)")
     p.add_argument("--timeout", type=positive_int, default=300, help="seconds per model type (default 300)")
     p.add_argument("--out", type=Path, help="write the rows as JSON here (after every model type)")
     p.add_argument("--resume", action="store_true", help="keep the rows --out holds and check only the other types")
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([check(args.one, attn) for attn in ATTENTION]))
         return 0
     known = causal_lm_types()
-    types = args.types.split(",") if args.types else known
+    types = args.types or known
     unknown = [t for t in types if t not in known]
     if unknown:
         p.error(f"--types: unknown model type(s) {unknown}; valid: transformers' causal-LM types, e.g. {known[:8]}")

@@ -25,6 +25,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from kvpass.validate import positive_int
+
 
 def bench(fn) -> float:
     import triton.testing
@@ -45,15 +47,15 @@ def eager_with_scores(q, k, v, scale, n_obs):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--heads", type=positive_int, default=32)
+    p.add_argument("--kv-heads", type=positive_int, default=8)
+    p.add_argument("--head-dim", type=positive_int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
-    p.add_argument("--block", type=int, default=512, help="queries per prefill block")
-    p.add_argument("--obs", type=int, default=32, help="observation window (SnapKV)")
-    p.add_argument("--budget", type=int, default=2048)
-    p.add_argument("--step-rows", type=int, default=64, help="Elastic-Cache rows per denoising step (32 tracked "
-                   "tokens + committed + window 16, padded)")
+    p.add_argument("--block", type=positive_int, default=512, help="queries per prefill block")
+    p.add_argument("--obs", type=positive_int, default=32, help="observation window (SnapKV)")
+    p.add_argument("--budget", type=positive_int, default=2048)
+    p.add_argument("--step-rows", type=positive_int, default=64,
+                   help="Elastic-Cache rows per denoising step (32 tracked tokens + committed + window 16, padded)")
     p.add_argument("--only", type=int, choices=[1, 2, 3, 4, 5], action="append", help="run only these sections")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

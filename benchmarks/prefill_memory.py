@@ -34,6 +34,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from kvpass.validate import choice, csv, positive_int
+
+MODES = ("full", "blockwise")
+
 
 class KVTracker(TorchDispatchMode):
     """Live and peak bytes of the storages behind tensors shaped like K/V (``[B, kv_heads, S, head_dim]``).
@@ -167,33 +171,33 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--lengths", default="2048,4096,8192,16384,32768")
-    p.add_argument("--modes", default="full,blockwise")
-    p.add_argument("--budget", type=int, default=2048)
-    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--lengths", type=csv(positive_int), default=[2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--modes", type=csv(choice(MODES, "mode")), default=list(MODES))
+    p.add_argument("--budget", type=positive_int, default=2048)
+    p.add_argument("--block", type=positive_int, default=512)
     p.add_argument("--policy", default="snapkv")
     p.add_argument("--compiler", default="inductor", help="kvpass compiler (--measure kv: always aot_eager)")
     p.add_argument("--head-budgets", choices=("uniform", "adaptive"), default="uniform",
                    help="kvpass option head_budgets of the block-wise rows")
     p.add_argument("--measure", choices=("rss", "kv"), default="rss",
                    help="rss: peak resident-memory increase (every tensor); kv: peak bytes of K/V-shaped tensors")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", default="results/prefill_memory.json")
     p.add_argument("--plot", default="benchmarks/figures/issue4/prefill_memory.png")
     p.add_argument("--one", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
-        mode, length = args.one[0], int(args.one[1])
+        mode, length = choice(MODES, "mode")(args.one[0]), positive_int(args.one[1])
         print(json.dumps(run_one(args.model, mode, length, args.budget, args.block, args.policy, args.compiler,
                                  args.measure, args.head_budgets)))
         return
     rows = []
-    for length in [int(x) for x in args.lengths.split(",")]:
-        for mode in args.modes.split(","):
+    for length in args.lengths:
+        for mode in args.modes:
             cmd = [sys.executable, __file__, "--one", mode, str(length), "--model", args.model, "--budget",
                    str(args.budget), "--block", str(args.block), "--policy", args.policy, "--compiler", args.compiler,
                    "--threads", str(args.threads), "--measure", args.measure, "--head-budgets", args.head_budgets]

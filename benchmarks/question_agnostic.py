@@ -42,9 +42,21 @@ from pathlib import Path
 
 import torch
 
+from kvpass.validate import ArgType, csv, fraction, positive_int
+
 METHODS = ("full", "streaming_llm", "snapkv", "h2o", "snapkv-block", "h2o-block", "repeat-block", "epicache",
            "epicache-minilm", "epicache-layers")
 HEADS = "+heads"  # method suffix: option head_budgets "adaptive" (policies that score by attention)
+
+
+def _method(m: str) -> str:
+    """A ``--methods`` entry: a method, with ``+heads`` only on one that scores by attention."""
+    if m.removesuffix(HEADS) not in METHODS:
+        raise ValueError(f"unknown method {m!r}; valid: {', '.join(METHODS)} (optionally with {HEADS})")
+    if m.endswith(HEADS) and m.removesuffix(HEADS) in ("full", "streaming_llm"):
+        raise ValueError(f"method {m!r}: {HEADS} needs a method that scores by attention, "
+                         f"not {m.removesuffix(HEADS)!r}")
+    return m
 
 
 def _contexts(benchmark: str, tokenizer, args) -> list[dict]:
@@ -169,32 +181,34 @@ def _plot(summary: list[dict], title: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--benchmark", choices=("niah", "locomo"), default="locomo")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", type=csv(ArgType(str, _method, "a method")), default=list(METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)}; append {HEADS} to an attention-scored one "
                         "(snapkv, h2o, their -block forms, epicache*) for head-adaptive budgets")
-    p.add_argument("--budgets", type=ints, default=[256, 512, 1024], help="KV slots per layer")
-    p.add_argument("--lengths", type=ints, default=[1024], help="niah: prompt lengths")
-    p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--conversations", type=int, default=8, help="locomo: conversations")
+    p.add_argument("--budgets", type=csv(positive_int), default=[256, 512, 1024], help="KV slots per layer")
+    p.add_argument("--lengths", type=csv(positive_int), default=[1024], help="niah: prompt lengths")
+    p.add_argument("--depths", type=csv(fraction()), default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--conversations", type=positive_int, default=8, help="locomo: conversations")
     p.add_argument("--first-conversation", type=int, default=0,
                    help="locomo: run conversations from this index up to --conversations (each is generated from its "
                         "own seed, so a finished run can be extended with the next ones)")
-    p.add_argument("--sessions", type=int, default=6, help="locomo: sessions per conversation")
-    p.add_argument("--questions", type=int, default=4, help="locomo: questions per conversation")
-    p.add_argument("--block", type=int, default=256, help="prefill block for block-wise methods")
-    p.add_argument("--episodes", type=int, default=4)
-    p.add_argument("--patched-tokens", type=int, default=128, help="epicache: patched prompt length")
+    p.add_argument("--sessions", type=positive_int, default=6, help="locomo: sessions per conversation")
+    p.add_argument("--questions", type=positive_int, default=4, help="locomo: questions per conversation")
+    p.add_argument("--block", type=positive_int, default=256, help="prefill block for block-wise methods")
+    p.add_argument("--episodes", type=positive_int, default=4)
+    p.add_argument("--patched-tokens", type=positive_int, default=128, help="epicache: patched prompt length")
     p.add_argument("--route", choices=("centroid", "segment"), default="centroid",
                    help="epicache: route a question to the nearest centroid (the paper) or nearest segment's episode")
-    p.add_argument("--kernel-size", type=int, default=1, help="repeat-block/epicache: max-pool scores over keys")
-    p.add_argument("--profile-tokens", type=int, default=4096, help="epicache-layers: profile sample length")
-    p.add_argument("--segment", type=int, default=4, help="utterances (locomo) / sentences (niah) per segment")
+    p.add_argument("--kernel-size", type=positive_int, default=1,
+                   help="repeat-block/epicache: max-pool scores over keys")
+    p.add_argument("--profile-tokens", type=positive_int, default=4096,
+                   help="epicache-layers: profile sample length")
+    p.add_argument("--segment", type=positive_int, default=4,
+                   help="utterances (locomo) / sentences (niah) per segment")
     p.add_argument("--compiler", default="aot_eager")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/question_agnostic")
     p.add_argument("--resume", action="store_true", help="keep --out's finished (method, budget) cells, run the rest")
@@ -207,12 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rescore:
         _rescore(Path(args.out) / "results.json")
         return
-    methods = args.methods.split(",")
-    for m in methods:
-        if m.removesuffix(HEADS) not in METHODS:
-            p.error(f"unknown method {m!r}; valid: {', '.join(METHODS)} (optionally with {HEADS})")
-        if m.endswith(HEADS) and m.removesuffix(HEADS) in ("full", "streaming_llm"):
-            p.error(f"method {m!r}: {HEADS} needs a method that scores by attention, not {m.removesuffix(HEADS)!r}")
+    methods = args.methods
     torch.set_num_threads(args.threads)
 
     import kvpass.models

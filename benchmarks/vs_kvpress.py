@@ -65,6 +65,8 @@ from typing import Any
 
 import torch
 
+from kvpass.validate import choice, csv, fraction, positive_int
+
 PARTS = ("agreement", "timing")
 AGREEMENT_POLICIES = ("snapkv", "streaming_llm", "knorm", "tova")
 KVPASS_COMPILERS = ("inductor", "aot_eager", "eager")
@@ -108,58 +110,33 @@ PAIRS: dict[str, PolicyPair] = {
 # command line
 
 
-def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    def parse(text: str) -> list[Any]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-        out = []
-        for item in items:
-            try:
-                out.append(kind(item))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{item!r} (in {text!r}) is not a valid {kind.__name__}") from None
-        return out
-
-    return parse
-
-
-def _choices(valid: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = _csv(str)(text)
-        bad = [i for i in items if i not in valid]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown value(s) {bad!r} in {text!r}; valid: {list(valid)}")
-        return list(dict.fromkeys(items))
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", type=_choices(PARTS), default=list(PARTS),
+    p.add_argument("--parts", type=csv(choice(PARTS, "part")), default=list(PARTS),
                    help=f"comma list of {', '.join(PARTS)} (default: both)")
     p.add_argument("--model", default="smollm2-135m", help="a kvpass.models name (default: %(default)s)")
     p.add_argument("--ratio", type=float, default=0.5,
                    help="kvpress compression_ratio r in (0, 1); kvpass budget = int(T*(1-r)) (default: %(default)s)")
-    p.add_argument("--policies", type=_choices(AGREEMENT_POLICIES), default=list(AGREEMENT_POLICIES),
+    p.add_argument("--policies", type=csv(choice(AGREEMENT_POLICIES, "policy", "policies")),
+                   default=list(AGREEMENT_POLICIES),
                    help=f"agreement: kvpass policies to compare (default: {','.join(AGREEMENT_POLICIES)})")
-    p.add_argument("--lengths", type=_csv(int), default=[1024, 2048],
+    p.add_argument("--lengths", type=csv(positive_int), default=[1024, 2048],
                    help="agreement: prompt lengths in tokens (default: 1024,2048)")
-    p.add_argument("--depths", type=_csv(float), default=[0.25, 0.75],
+    p.add_argument("--depths", type=csv(fraction()), default=[0.25, 0.75],
                    help="agreement: needle depths in [0, 1], one prompt each per length (default: 0.25,0.75)")
     p.add_argument("--agree-compiler", default="aot_eager", choices=KVPASS_COMPILERS,
                    help="kvpass 'compiler' option for the agreement runs (default: %(default)s)")
-    p.add_argument("--context", type=int, default=4096, help="timing: prompt length (default: %(default)s)")
-    p.add_argument("--new-tokens", type=int, default=128, help="timing: decode steps (default: %(default)s)")
-    p.add_argument("--kvpass-compilers", type=_choices(KVPASS_COMPILERS),
+    p.add_argument("--context", type=positive_int, default=4096, help="timing: prompt length (default: %(default)s)")
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="timing: decode steps (default: %(default)s)")
+    p.add_argument("--kvpass-compilers", type=csv(choice(KVPASS_COMPILERS, "compiler")),
                    default=["inductor"], help="timing: kvpass 'compiler' option(s), comma list (default: inductor)")
-    p.add_argument("--repeats", type=int, default=1, help="timing: timed runs per system (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=1,
+                   help="timing: timed runs per system (default: %(default)s)")
     p.add_argument("--max-load", type=float, default=None,
                    help="timing: wait until the 1-minute load average is below this before timing")
     p.add_argument("--load-wait-s", type=float, default=600.0,
                    help="timing: give up waiting for --max-load after this many seconds (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="NIAH prompt seed (default: %(default)s)")
     p.add_argument("--out", default="results/vs_kvpress.json", help="JSON output path (default: %(default)s)")
     return p
@@ -173,17 +150,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for n in args.lengths:
         if n <= SNAPKV_WINDOW + SNAPKV_KERNEL:
             parser.error(f"--lengths: {n!r} is too short; SnapKV needs more than {SNAPKV_WINDOW} prompt tokens")
-    for d in args.depths:
-        if not 0.0 <= d <= 1.0:
-            parser.error(f"--depths: {d!r} is outside [0, 1]")
     if args.context <= SNAPKV_WINDOW:
         parser.error(f"--context must be > {SNAPKV_WINDOW} (the SnapKV window), got {args.context!r}")
-    if args.new_tokens < 1:
-        parser.error(f"--new-tokens must be >= 1, got {args.new_tokens!r}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats!r}")
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads!r}")
     if args.max_load is not None and not args.max_load > 0:
         parser.error(f"--max-load must be > 0, got {args.max_load!r}")
     if not args.load_wait_s >= 0:
@@ -322,16 +290,15 @@ def kvpass_forward(model: torch.nn.Module, policy: str, budget: int, compiler: s
 
 
 def kvpass_kept(cache: Any) -> list[torch.Tensor]:
-    """Per layer, the kept logical positions ``[B, H_kv, C]`` (-1: empty slot) from kvpass's session."""
-    from kvpass.runtime.state import find_session
+    """Per layer, the kept logical positions ``[B, H_kv, C]`` (-1: empty slot) from the stores' kvpass state."""
+    from kvpass.runtime.state import store_state
 
     out = []
     for i, layer in enumerate(cache.layers):
-        found = find_session(layer.keys)
-        if found is None:
-            raise RuntimeError(f"layer {i}: the cache's keys belong to no kvpass session (did kvpass compress it?)")
-        session, idx = found
-        out.append(session.layers[idx].pos.clone())
+        state = store_state(layer.keys)
+        if state is None:
+            raise RuntimeError(f"layer {i}: the cache's keys carry no kvpass state (did kvpass compress it?)")
+        out.append(state.pos.clone())
     return out
 
 

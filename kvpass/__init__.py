@@ -22,8 +22,8 @@ __all__ = ["POLICIES", "CompressedCache", "KVPassError", "KVPassOptions", "Optio
 
 
 def export(model: Any, out: str | os.PathLike, **kwargs: Any) -> Path:
-    """Export a compressed model (see :func:`kvpass.lowering.export.export`)."""
-    from kvpass.lowering.export import export as _export
+    """Export a compressed model (see :func:`kvpass.exporter.export`)."""
+    from kvpass.exporter import export as _export
 
     return _export(model, out, **kwargs)
 

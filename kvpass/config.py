@@ -13,6 +13,7 @@ from typing import Any
 
 from kvpass.errors import OptionError
 from kvpass.policies import POLICIES, Policy, make_policy
+from kvpass.validate import check_int
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -73,9 +74,7 @@ ADAPTIVE_HEAD_POLICIES = ("epicache", "h2o", "pyramidkv", "snapkv")
 
 
 def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value <= 0:
-        raise OptionError(f"kvpass: option {key!r} must be a positive integer, got {value!r}")
-    return int(value)
+    return check_int(value, f"kvpass: option {key!r}", error=OptionError)
 
 
 def parse_options(options: dict[str, Any] | None) -> KVPassOptions:

@@ -1,6 +1,12 @@
-import pytest
-import torch
-import transformers
+import os
+
+# Triton reads TRITON_INTERPRET when it defines a kernel, and importing kvpass may define some (through torch's
+# Triton integration): switch the CPU interpreter on before any test imports kvpass, as the kernel tests need it
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 
 def tiny_config(arch: str = "llama", attn: str = "sdpa", layers: int = 2, **overrides):

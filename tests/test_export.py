@@ -10,9 +10,10 @@ import zipfile
 import pytest
 import torch
 from conftest import tiny_model
-from kvpass.lowering.export import FORMATS, export, get_format
+from kvpass.lowering.export import FORMATS, get_format
 
 import kvpass
+from kvpass import export
 from kvpass.apps.cli import main
 
 PROMPT, BUDGET, STEPS = 40, 16, 32  # compression active: 16 of 40 prompt tokens kept, and through decode
@@ -170,10 +171,15 @@ def test_cli_exports_a_local_hf_directory(tmp_path, capsys):
                  "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert len(kvpass.load(tmp_path / "o").generate(prompt_ids(), 4)) == 4
-    with pytest.raises(ValueError, match="--prompt-len 40 does not apply with --prefill-block 8"):
-        main(["export", str(tmp_path / "hf"), "--budget", "16", "--format", "jax", "--prefill-block", "8",
-              "--prompt-len", "40", "-o", str(tmp_path / "o2"), "--quiet"])
+    assert main(["export", str(tmp_path / "hf"), "--budget", "16", "--format", "jax", "--prefill-block", "8",
+                 "--prompt-len", "40", "-o", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert capsys.readouterr().err == ("kvpass export: error: --prompt-len 40 does not apply with --prefill-block 8: "
+                                       "the block program takes prompts of any length; give one of them\n")
     assert not (tmp_path / "o2").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(tmp_path / "hf"), "--budget", "16", "-o", str(tmp_path / "file" / "o3")]) == 2
+    assert capsys.readouterr().err == (f"kvpass export: error: cannot write {str(tmp_path / 'file' / 'o3')!r}: "
+                                       f"{str(tmp_path / 'file')!r} is not an existing folder\n")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -217,8 +223,20 @@ def test_refuses_existing_output_and_unknown_model(tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="neither a local Hugging Face model directory nor a model kvpass ships"):
         export("no-such-model", tmp_path / "o2", progress=False, budget=BUDGET)
+    with pytest.raises(ValueError, match="has no config.json: not a Hugging Face model directory"):
+        export(tmp_path / "out", tmp_path / "o2", progress=False, budget=BUDGET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with pytest.raises(ValueError, match="is not a kvpass export"):
         kvpass.load(tmp_path / "out")
+
+
+def test_the_loader_splits_prompts_as_the_block_pass_does():
+    """The artifacts' calling convention (lowering, no passes imported) and the backend's block-wise prefill agree."""
+    from kvpass.lowering.export.programs import split_prompt
+
+    from kvpass.passes.block_graph import split_prompt as backend_split
+
+    assert all(split_prompt(n, c) == backend_split(n, c) for n in range(1, 70) for c in (1, 2, 7, 8, 64))
 
 
 def test_every_format_declares_what_it_supports():
@@ -250,7 +268,7 @@ def block_reference() -> list[list[int]]:
     model.forward = torch.compile(model.forward, backend="kvpass", dynamic=True,
                                   options={**BLOCK_OPTIONS, "compiler": "aot_eager"})
     tokens = [greedy(model, ids) for ids in block_prompts()]
-    assert "prefill-block" in [g["kind"] for g in kvpass.explain().graphs]
+    assert "prefill-block" in [g["kind"] for g in kvpass.explain(model).graphs]
     assert all(a != b for a, b in zip(tokens, full, strict=True)), "compression must change every output"
     torch._dynamo.reset()
     return tokens

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from unittest import mock
 
 import kernel_helpers as kh  # noqa: F401  (sets TRITON_INTERPRET=1 before triton decorates the kernels)
@@ -42,6 +45,18 @@ def test_smoke_tune_writes_cache_that_launches_use(tmp_path, monkeypatch, capsys
     assert out.shape == q.shape and torch.allclose(obs.sum(-1), torch.ones(1, 4))
 
 
+def test_the_console_command_smoke_tunes_though_kvpass_imported_triton_first(tmp_path):
+    """`kvpass tune --smoke` from a shell: kvpass (torch._dynamo) imports Triton before the command can turn the
+    interpreter on, so the command reruns itself in a process that has TRITON_INTERPRET=1 from the start."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cache = tmp_path / "t.json"
+    run = subprocess.run([sys.executable, "-m", "kvpass.apps.cli", "tune", "--smoke", "--heads", "2", "--head-dim",
+                          "16", "--budget", "8", "--block", "2", "--max-configs", "1", "--kernels", "compact",
+                          "--cache", str(cache)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "wrote 1 entries" in run.stdout and len(json.loads(cache.read_text())["entries"]) == 1
+
+
 def test_model_config_path(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96}))
@@ -59,12 +74,20 @@ def test_model_config_path(tmp_path, capsys):
         (["--heads", "4", "--kv-heads", "3", "--head-dim", "16"], "query heads (4) must be a multiple of kv heads (3)"),
         (["--heads", "4"], "give --model NAME_OR_PATH, or --heads, --head-dim"),
         (["--model", "no/such/model"], "--model 'no/such/model' is neither a shipped model"),
-        (["--heads", "2", "--head-dim", "16", "--kernels", "softmax"], "--kernels: unknown ['softmax']"),
     ],
 )
 def test_bad_shapes_are_clear_errors(argv, message, tmp_path, capsys):
     assert main(["tune", "--smoke", *argv, "--cache", str(tmp_path / "t.json")]) == 2
-    assert message in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, no traceback
+    assert line.startswith("kvpass tune: error: ") and message in line
+
+
+def test_unknown_kernel_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--smoke", "--heads", "2", "--head-dim", "16", "--kernels", "compact,softmax"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "argument --kernels: unknown kernel 'softmax'; valid kernels: attend_scores, compact" in line
 
 
 def test_missing_gpu_without_smoke(tmp_path, capsys):
@@ -79,7 +102,9 @@ def test_unwritable_cache_path_is_quoted(tmp_path, capsys):
     blocker.write_text("")
     bad = blocker / "tune.json"  # a folder that cannot exist: its parent is a file
     assert main(["tune", "--smoke", *SIZES, "--cache", str(bad)]) == 2
-    assert f"cannot write the tune cache {str(bad)!r}" in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"kvpass tune: error: cannot write the tune cache {str(bad)!r}: {str(blocker)!r} is a file, not a "
+                    "folder; pass a writable file with --cache or set $KVPASS_TUNE_CACHE")
 
 
 def test_smoke_tune_of_the_elastic_kernel(tmp_path, monkeypatch, capsys):

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from kvpass.apps.cli import positive_int
+from kvpass.errors import KVPassError
+from kvpass.validate import check_writable, choice, csv, positive_int
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SMOKE_MAX_QUERIES = 8  # interpreter: ~0.3 ms per program and per block step, so smoke shapes stay tiny
@@ -53,7 +56,8 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
                    help="diffusion LM canvas, prompt + generation (elastic_drift; default: %(default)s)")
     p.add_argument("--step-rows", type=positive_int, default=64,
                    help="rows run per Elastic-Cache denoising step (elastic_drift; default: %(default)s)")
-    p.add_argument("--kernels", help=f"comma-separated kernels to tune, of {', '.join(KERNELS)} (default: "
+    p.add_argument("--kernels", type=csv(choice(KERNELS, "kernel")),
+                   help=f"comma-separated kernels to tune, of {', '.join(KERNELS)} (default: "
                    "attend_scores,compact; elastic_drift for a diffusion LM config)")
     p.add_argument("--max-configs", type=positive_int, help="time at most this many configs per shape")
     p.add_argument("--cache", help="tune cache file (default: $KVPASS_TUNE_CACHE or ~/.cache/kvpass/tune.json)")
@@ -106,7 +110,7 @@ def workloads(args: argparse.Namespace, sizes: dict[str, int]) -> list[tuple[str
     if args.kernels is None:
         kernels = ["elastic_drift"] if sizes.get("dllm") else ["attend_scores", "compact"]
     else:
-        kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+        kernels = list(args.kernels)  # checked by --kernels' type; a Namespace built in code is checked here
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown or not kernels:
         raise ValueError(f"--kernels: unknown {unknown or kernels!r}; valid: {', '.join(KERNELS)}")
@@ -131,17 +135,6 @@ def workloads(args: argparse.Namespace, sizes: dict[str, int]) -> list[tuple[str
             out.append(("elastic_drift", {"batch": args.batch, "heads": heads, "kv_heads": kv_heads, "head_dim": d,
                                           "t": rows, "n": canvas}))
     return out
-
-
-def _check_writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.probe")
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write the tune cache {str(path)!r}: {e.strerror or e}; pass a writable file with "
-                         "--cache or set $KVPASS_TUNE_CACHE") from None
 
 
 def _timer(smoke: bool) -> Callable[[Callable[[], object]], float]:
@@ -241,7 +234,7 @@ def tune(args: argparse.Namespace, out=None) -> dict[str, dict]:
                     print(f"  skipped {kernel} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=out)
                 bar.update(1)
             if not results:
-                raise RuntimeError(f"kvpass tune: no config of {kernel} ran for shape {shape}")
+                raise KVPassError(f"kvpass tune: no config of {kernel} ran for shape {shape} (the reasons are above)")
             best_ms, best = min(results, key=lambda r: r[0])
             default_ms = next(ms for ms, cfg in results if cfg == default) if any(
                 cfg == default for _, cfg in results) else None
@@ -276,31 +269,39 @@ def show(path: Path, out=None) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from_args = args.cache
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before kvpass.kernels is imported (decoration time)
+    """Handler of ``kvpass tune``: check the request, time the kernels, write the cache (or ``--show`` it).
+
+    A bad request raises ``ValueError`` (``kvpass tune`` prints it as one line) before anything is timed."""
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("the kernels are Triton kernels and Triton is not installed; run: pip install triton")
     from kvpass.kernels import tuning
 
-    path = tuning.cache_path(from_args)
-    try:
-        if args.show:
-            return show(path)
-        if not args.model and not (args.heads and args.head_dim):
-            raise ValueError("give --model NAME_OR_PATH, or --heads, --head-dim (and --kv-heads for GQA)")
-        if not args.smoke:
-            if not torch.cuda.is_available():
-                raise ValueError("no CUDA GPU found (torch.cuda.is_available() is False); run on a GPU machine, "
-                                 "or pass --smoke for a CPU smoke run in Triton's interpreter")
-        else:
-            from kvpass.kernels import attend_scores
+    path = tuning.cache_path(args.cache)
+    if args.show:
+        return show(path)
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads TRITON_INTERPRET as it defines a kernel, its own helpers included, and importing kvpass
+        # (torch._dynamo) has imported Triton already: run the smoke tune in a process that has it from the start
+        if getattr(args, "argv", None) is None:
+            raise ValueError("--smoke: set TRITON_INTERPRET=1 before importing kvpass (or run `kvpass tune --smoke`)")
+        child = [sys.executable, "-m", "kvpass.apps.cli", *args.argv]
+        return subprocess.run(child, env={**os.environ, "TRITON_INTERPRET": "1"}).returncode
+    if not args.model and not (args.heads and args.head_dim):
+        raise ValueError("give --model NAME_OR_PATH, or --heads, --head-dim (and --kv-heads for GQA)")
+    if not args.smoke:
+        if not torch.cuda.is_available():
+            raise ValueError("no CUDA GPU found (torch.cuda.is_available() is False); run on a GPU machine, "
+                             "or pass --smoke for a CPU smoke run in Triton's interpreter")
+    else:
+        from kvpass.kernels import attend_scores
 
+        try:
             attend_scores.check_device(torch.device("cpu"))
-        _check_writable(path)
-        entries = tune(args)
-        tuning.write_entries(entries, path)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"kvpass tune: error: {e}", file=sys.stderr)
-        return 2
+        except RuntimeError as err:  # the kernels were imported before --smoke could set TRITON_INTERPRET
+            raise ValueError(f"--smoke: {err}") from None
+    check_writable(path, "the tune cache", hint="pass a writable file with --cache or set $KVPASS_TUNE_CACHE")
+    entries = tune(args)
+    tuning.write_entries(entries, path)
     print(f"wrote {len(entries)} entries to {str(path)!r}")
     for e in entries.values():
         gain = f", default {e['default_ms']:.4f} ms" if e["default_ms"] is not None else ""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from kvpass.lowering.export.base import ExportFormat, Progress
-from kvpass.lowering.export.core import Programs, decompose
+from kvpass.lowering.export.programs import Programs, decompose
 from kvpass.lowering.export.pt2 import TorchRunner
 
 FILE = "model.pt2"

@@ -12,11 +12,13 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from kvpass.validate import check_int
+
 MANIFEST = "kvpass_export.json"
 
 
 class Runner(Protocol):
-    """A loaded artifact's two programs (see :mod:`kvpass.lowering.export.core` for the convention)."""
+    """A loaded artifact's two programs (see :mod:`kvpass.lowering.export.programs` for the convention)."""
 
     def prefill(self, ids: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, Any]:
         """``ids``/``positions`` int64 ``[1, T]`` → (last-token logits ``[V]``, opaque state)."""
@@ -66,7 +68,9 @@ class Progress:
         self.bar.total += steps
         self.bar.refresh()
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Close the bar; after a failure (``ok`` False) a terminal keeps only the error, not the bar."""
+        self.bar.leave = ok
         self.bar.close()
 
 
@@ -89,8 +93,7 @@ class ExportedModel:
             ids = ids[0]
         if ids.ndim != 1:
             raise ValueError(f"kvpass: generate takes one prompt ([T] or [1, T] token ids), got shape {ids.shape}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"kvpass: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        max_new_tokens = check_int(max_new_tokens, "kvpass: max_new_tokens")
         m = self.manifest
         t = len(ids)
         block = m.get("prefill_block")
@@ -119,9 +122,7 @@ class ExportedModel:
     def _prefill_blocks(self, ids: np.ndarray, block: int) -> tuple[np.ndarray, Any]:
         """Prefill ``ids`` by calling the block program once per block (as kvpass's ``BlockwiseRunner`` does)."""
         import torch
-        from kvpass.lowering.export.core import empty_state
-
-        from kvpass.passes.block_graph import split_prompt
+        from kvpass.lowering.export.programs import empty_state, split_prompt
 
         m = self.manifest
         t = len(ids)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from kvpass.lowering.export.base import ExportFormat, Progress
-from kvpass.lowering.export.core import Programs
+from kvpass.lowering.export.programs import Programs
 from torch.export import ExportedProgram
 
 FILE = "program.pt2"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from kvpass.lowering.export.base import ExportFormat, Progress
-from kvpass.lowering.export.core import Programs, decompose
+from kvpass.lowering.export.programs import Programs, decompose
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 

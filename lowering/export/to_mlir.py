@@ -10,7 +10,7 @@ unregistered dialects allowed.
 torch-mlir has no ``aten.sort.stable``: it becomes ``aten.sort`` (``tm_tensor.sort``), so which of
 several *equally* scored slots survives an eviction may differ from torch's stable choice.
 With ``--prefill-block`` the prefill module is the static block program (see
-:mod:`kvpass.lowering.export.core` for its calling convention), usable for prompts of any length.
+:mod:`kvpass.lowering.export.programs` for its calling convention), usable for prompts of any length.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvpass.lowering.export.base import ExportFormat, Progress
-from kvpass.lowering.export.core import Programs, decompose
+from kvpass.lowering.export.programs import Programs, decompose
 
 DIALECTS = {"torch": "torch", "linalg": "linalg-on-tensors"}
 

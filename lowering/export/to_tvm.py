@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from kvpass.lowering.export.base import ExportFormat, Progress
-from kvpass.lowering.export.core import Programs, decompose
+from kvpass.lowering.export.programs import Programs, decompose
 
 WEIGHTS = "weights.npz"
 PARAMS = "tvm_params.json"

@@ -1,47 +1,38 @@
-"""The rewritten programs every export format packages: a prefill and a decode step of a HF decoder.
+"""The export pipeline: torch.export a Hugging Face decoder, rewrite it with kvpass, hand it to a format writer.
 
-Both are ``torch.export`` programs of the model's forward with the KV cache passed *explicitly*
-(DynamicCache layers set from graph inputs, the new stores returned as graph outputs), rewritten by
-:class:`kvpass.passes.InsertKVEviction` exactly as the ``kvpass`` backend rewrites Dynamo graphs.
-The calling convention (batch 1, one list of flat tensors, ``L`` attention layers):
-
-* prefill: ``(input_ids [1, T], position_ids [1, T])``;
-* decode:  ``(input_ids [1, 1], position_ids [1, 1], *state)``;
-* both return ``(logits [1, 1, V], *state)`` with ``state = (k_0, v_0, ..., k_{L-1}, v_{L-1},
-  pos_0, acc_0, seen_0, ..., pos_{L-1}, acc_{L-1}, seen_{L-1})``: each layer's store of exactly its
-  ``capacity`` slots (``[1, H_kv, capacity, D]``) and the store metadata the ops thread
-  (``pos [1, H_kv, capacity]`` int64, ``acc`` float32, ``seen [1]`` int64).
-
-A generation is one prefill then one decode per new token, feeding each call's ``state`` to the next:
-the store never grows, so the decode program has static shapes.
-
-With ``prefill_block=C`` the prefill is instead the *block program* of
-:class:`kvpass.passes.BlockwisePrefill` (static shapes, ``C`` tokens):
-``(input_ids [1, C], position_ids [1, C], valid [1, C] bool, observe [1, C] bool, *state)`` →
-``(logits [1, 1, V], *state)``. A prompt of any length is prefilled by calling it once per block from the
-empty state (zero stores, ``pos`` -1): the first block left-padded (``valid`` False, id and position 0),
-the last one ending on the prompt's last token, exactly as :class:`kvpass.runtime.blockwise.BlockwiseRunner` does
-(see :func:`kvpass.passes.block_graph.split_prompt`). ``observe`` marks observation-only tokens (none here: all False).
+``kvpass.export(model, out, format=..., policy=..., budget=...)`` torch.exports the model's prefill (or, with
+``prefill_block=C``, the block-wise prefill's block program) and decode step with the KV cache as explicit inputs,
+rewrites both with kvpass's attention analysis and passes (the same rewrite the ``kvpass`` backend applies), and
+packages them in one of :data:`kvpass.lowering.export.FORMATS`. The formats, the programs' calling convention and
+the loaders live in :mod:`kvpass.lowering.export`, which knows nothing of the analysis or the passes.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.export import Dim, ExportedProgram
 
-import kvpass
 import kvpass.ops  # noqa: F401  (registers the kvpass::* ops the programs call)
 from kvpass.analysis import find_attention_sites
-from kvpass.config import KVPassOptions
-from kvpass.ops import REFERENCES
+from kvpass.config import KVPassOptions, parse_options
+from kvpass.lowering.export import FORMATS, get_format
+from kvpass.lowering.export.base import MANIFEST, Progress
+from kvpass.lowering.export.programs import MANIFEST_VERSION, Programs, empty_state
 from kvpass.passes import InsertKVEviction, LayerPlan
 from kvpass.passes.block_graph import rewrite_blocks
+from kvpass.validate import check_int
 
-MANIFEST_VERSION = 1
+__all__ = ["export", "export_programs", "resolve_model"]
 
 
 class _ExplicitCacheForward(torch.nn.Module):
@@ -63,17 +54,6 @@ class _ExplicitCacheForward(torch.nn.Module):
         out = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True,
                          logits_to_keep=1)
         return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
-
-
-@dataclasses.dataclass
-class Programs:
-    """The two rewritten programs, example inputs for each, and what a loader needs to drive them."""
-
-    prefill: ExportedProgram
-    decode: ExportedProgram
-    prefill_example: tuple[torch.Tensor, ...]
-    decode_example: tuple[torch.Tensor, ...]
-    manifest: dict[str, Any]
 
 
 def _plain_graph(ep: ExportedProgram) -> tuple[torch.nn.Module, fx.Graph]:
@@ -140,16 +120,6 @@ class _BlockCall(torch.nn.Module):
         return tuple(self.gm(input_ids, position_ids, *stores, valid, observe, *meta))
 
 
-def empty_state(capacities: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The state a block-wise prefill starts from (batch 1): empty stores, ``pos`` -1 marking every slot empty."""
-    stores, meta = [], []
-    for capacity in capacities:
-        shape = (1, kv_heads, capacity)
-        stores += [torch.zeros(*shape, head_dim, dtype=dtype) for _ in range(2)]
-        meta += [torch.full(shape, -1, dtype=torch.int64), torch.zeros(shape), torch.zeros(1, dtype=torch.int64)]
-    return stores + meta
-
-
 def _check_decode_inputs(gm: fx.GraphModule, n_layers: int) -> None:
     """The decode graph takes ids, positions, the stores, then (added by the pass) the metadata."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -166,7 +136,7 @@ def export_programs(model: torch.nn.Module, options: KVPassOptions, *, prompt_le
     ``None`` exports a dynamic prompt length (2 .. ``max_prompt``, default the model's
     ``max_position_embeddings``). ``prefill_block``: export the block program instead (static shapes,
     that many tokens per call; a loader loops it over a prompt of any length up to ``max_prompt``).
-    The programs keep the ``kvpass::*`` ops; see :func:`decompose`.
+    The programs keep the ``kvpass::*`` ops (:func:`kvpass.lowering.export.programs.decompose` removes them).
     """
     cfg = model.config.get_text_config(decoder=True)
     if getattr(cfg, "sliding_window", None) and any(
@@ -222,7 +192,7 @@ def export_programs(model: torch.nn.Module, options: KVPassOptions, *, prompt_le
                                f"prefill but {dplan.budget}/{dplan.capacity} after a decode step")
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
     manifest = {
-        "kvpass_version": kvpass.__version__,
+        "kvpass_version": _version(),
         "manifest_version": MANIFEST_VERSION,
         "model_type": getattr(cfg, "model_type", None),
         "policy": options.policy.spec(),
@@ -244,59 +214,158 @@ def export_programs(model: torch.nn.Module, options: KVPassOptions, *, prompt_le
     return Programs(prefill, decode, prefill_example, decode_example, manifest)
 
 
-def decompose(ep: ExportedProgram) -> ExportedProgram:
-    """Core ATen only: the ``kvpass::*`` ops replaced by their pure-torch references (for formats that
-    cannot hold custom ops). Needs static shapes: the references branch on sizes."""
-    table = torch.export.default_decompositions()
-    table.update(REFERENCES)
-    ep = ep.run_decompositions(table)
-    # DynamicCache's first update is cat([tensor([]), new]): torch skips the legacy 1-D empty operand,
-    # other compilers reject mixed ranks. Drop it.
-    for node in ep.graph.find_nodes(op="call_function", target=torch.ops.aten.cat.default):
-        parts = node.args[0]
-        kept = [p for p in parts if not _legacy_empty(p)]
-        if len(kept) != len(parts) and kept:
-            node.args = (kept, *node.args[1:])
-    _normalize_indices(ep.graph)
-    ep.graph.eliminate_dead_code()
-    ep.graph_module.recompile()
-    return ep
+def _version() -> str:
+    """The installed kvpass's version, recorded in the manifest."""
+    try:
+        return importlib.metadata.version("kvpass")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
-def _normalize_indices(graph: fx.Graph) -> None:
-    """Make ``select``/``slice`` indices non-negative and in range (static shapes): some importers
-    (TVM's) mistranslate torch's negative indices."""
-    aten = torch.ops.aten
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in (aten.select.int, aten.slice.Tensor):
-            continue
-        value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-        if not isinstance(value, torch.Tensor):
-            continue
-        args = list(node.args)
-        dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-        size = value.shape[dim]
-        if not isinstance(size, int):
-            continue
-        if node.target is aten.select.int:
-            if args[2] < 0:
-                args[2] += size
-        else:
-            args += [0, None, None, 1][len(args) :]  # (self, dim, start, end, step)
-            start = 0 if args[2] is None else args[2]
-            end = size if args[3] is None else args[3]
-            start = min(max(start + size if start < 0 else start, 0), size)
-            end = min(max(end + size if end < 0 else end, 0), size)
-            args[2], args[3] = start, max(end, start)
-        node.args = tuple(args)
+def _check_model(model: torch.nn.Module | str | Path) -> None:
+    """Refuse a model that is neither a module, a Hugging Face model directory nor a shipped model's name (and a
+    shipped model whose weights package is missing) before anything is loaded or written."""
+    if isinstance(model, torch.nn.Module):
+        return
+    from kvpass.models import MODELS
+    from kvpass.models.loaders import gguf_sources
+
+    if isinstance(model, str | Path) and Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            raise ValueError(f"kvpass export: model folder {str(model)!r} has no config.json: not a Hugging Face "
+                             "model directory (save one with model.save_pretrained(folder))")
+        return
+    if isinstance(model, str) and model in MODELS:
+        gguf_sources(model)  # raises, naming the pip command, if the weights package is not installed
+        return
+    raise ValueError(f"kvpass export: model {str(model)!r} is neither a local Hugging Face model directory nor a "
+                     f"model kvpass ships ({', '.join(sorted(MODELS))})")
 
 
-def _legacy_empty(node: fx.Node) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == 0
+def resolve_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
+    """A model object as-is; a local Hugging Face model directory; or the name of a model kvpass ships."""
+    _check_model(model)
+    if isinstance(model, torch.nn.Module):
+        return model.eval()
+    if Path(model).is_dir():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32).eval()
+    from kvpass.models import load as load_shipped
+
+    return load_shipped(str(model))[0]
 
 
-def kvpass_ops_in(ep: ExportedProgram) -> list[str]:
-    """Names of the ``kvpass::*`` ops a program still calls."""
-    return sorted({str(n.target) for n in ep.graph.nodes
-                   if n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "kvpass"})
+def _positive(name: str, value: Any) -> int | None:
+    return None if value is None else check_int(value, f"kvpass export: {name}")
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh folder beside ``out`` (same filesystem: renamed to ``out`` once complete), with the umask's mode."""
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"kvpass export: cannot write {str(out)!r}: {str(parent)!r} is not an existing folder")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".kvpass-export-", dir=parent))
+    except OSError as err:
+        raise ValueError(f"kvpass export: cannot write into {str(parent)!r}: {err.strerror or err}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's private mode would stick to the published artifact
+    return staging
+
+
+def export(
+    model: torch.nn.Module | str | Path,
+    out: str | Path,
+    *,
+    format: str = "pt2",
+    policy: str = "snapkv",
+    budget: int | None = None,
+    layer_budgets: list[int] | None = None,
+    prompt_len: int | None = None,
+    max_prompt: int | None = None,
+    prefill_block: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **policy_params: Any,
+) -> Path:
+    """Export ``model`` with KV compression compiled in; returns the artifact directory ``out``.
+
+    ``model``: a module, a local Hugging Face model directory, or the name of a model kvpass ships.
+    ``format``: one of :data:`kvpass.lowering.export.FORMATS` (``get_format(name)`` says what each supports).
+    ``policy``/``budget``/``layer_budgets``/``policy_params``: as the backend's options (a ratio is not
+    accepted: the exported decode step has a fixed store size). ``prompt_len``: export the prefill for
+    exactly that many tokens (required by formats without dynamic shapes); otherwise prompts of
+    2..``max_prompt`` tokens (default: the model's ``max_position_embeddings``).
+    ``prefill_block``: export the block-wise prefill's block program (``prefill_block`` tokens, static
+    shapes) instead; the loader runs it once per block, so every format then takes prompts of any length
+    (1..``max_prompt``) and the KV held never exceeds budget + one block.
+    Everything is checked before anything is written (``ValueError``, or ``kvpass.OptionError`` for the options);
+    the artifact appears only once complete.
+    """
+    fmt = get_format(format)
+    missing = fmt.missing()
+    if missing:
+        raise ValueError(f"kvpass export: format {format!r} needs the Python package(s) {missing}, which are not "
+                         f"installed; install them with: {fmt.install}")
+    refused = {k: policy_params[k] for k in ("ratio", "compiler", "fallback") if k in policy_params}
+    if refused:
+        raise ValueError(f"kvpass export: options {refused} do not apply to an export (the decode step and the "
+                         "prefill block have a fixed store size, the format picks the compiler); give budget= or "
+                         "layer_budgets=")
+    prefill_block = _positive("prefill_block", prefill_block)
+    options = parse_options({"policy": policy, "budget": budget, "layer_budgets": layer_budgets,
+                             "prefill_block": prefill_block, **policy_params})
+    if options.episodes is not None:
+        raise ValueError(f"kvpass export: option 'episodes' ({options.episodes}) keeps one cache per episode and "
+                         "picks one per question at run time (kvpass.apps.episodic); the exported programs hold a "
+                         "single store: export without it")
+    prompt_len, max_prompt = _positive("prompt_len", prompt_len), _positive("max_prompt", max_prompt)
+    if prompt_len is not None and prompt_len < 2:
+        raise ValueError(f"kvpass export: prompt_len must be at least 2, got {prompt_len}")
+    if prefill_block is not None:
+        if not fmt.prefill_block:
+            raise ValueError(f"kvpass export: format {format!r} cannot export --prefill-block {prefill_block}; "
+                             f"formats that can: {[f for f in FORMATS if get_format(f).prefill_block]}")
+        if prefill_block < 2:
+            raise ValueError(f"kvpass export: --prefill-block must be at least 2 tokens, got {prefill_block}")
+        if prompt_len is not None:
+            raise ValueError(f"kvpass export: --prompt-len {prompt_len} does not apply with --prefill-block "
+                             f"{prefill_block}: the block program takes prompts of any length; give one of them")
+    elif not fmt.dynamic_prompt and prompt_len is None:
+        raise ValueError(f"kvpass export: format {format!r} has static shapes only: give the prompt length the "
+                         "prefill is exported for (--prompt-len N / prompt_len=N)")
+    _check_model(model)
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise ValueError(f"kvpass export: output {str(out)!r} exists and is not an empty directory; "
+                         "choose another path or pass overwrite=True (--overwrite)")
+
+    staging = _staging_dir(out)
+    bar = Progress(total=3, enabled=progress)
+    ok = False
+    try:
+        start = time.perf_counter()
+        bar.start("loading model")
+        module = resolve_model(model)
+        bar.done()
+        bar.start("torch.export + kvpass rewrite (prefill, decode)")
+        programs = export_programs(module, options, prompt_len=prompt_len, max_prompt=max_prompt,
+                                   prefill_block=prefill_block)
+        bar.done()
+        files = fmt.write(programs, staging, bar)
+        manifest = {**programs.manifest, "format": format, "files": files,
+                    "export_seconds": round(time.perf_counter() - start, 2)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        bar.done()
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        staging.rename(out)
+        ok = True
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        bar.close(ok)
+    return out

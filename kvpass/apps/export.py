@@ -1,17 +1,19 @@
-"""``kvpass export MODEL --policy P --budget N [--prefill-block C] --format F -o OUT``."""
+"""``kvpass export MODEL --policy P --budget N [--prefill-block C] --format F -o OUT``: :func:`kvpass.export`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from kvpass.lowering.export import FORMATS, export, get_format
+import kvpass
+from kvpass.lowering.export import FORMATS, get_format
+from kvpass.validate import positive_int
 
-from kvpass.apps.cli import positive_int
+__all__ = ["add_export_parser", "run_export"]
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    from kvpass.policies import POLICIES
-
+    """Add the ``export`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
     p = subparsers.add_parser(
         "export", help="export a compressed model (pt2, aoti, jax, tvm, mlir)",
         description="torch.export the model's prefill (or block program) and decode step with kvpass's KV "
@@ -19,7 +21,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
         "artifacts.",
     )
     p.add_argument("model", help="a local Hugging Face model directory, or a model kvpass ships (e.g. smollm2-135m)")
-    p.add_argument("--policy", default="snapkv", choices=sorted(POLICIES), help="eviction policy (%(default)s)")
+    p.add_argument("--policy", default="snapkv", choices=sorted(kvpass.POLICIES), help="eviction policy (%(default)s)")
     p.add_argument("--budget", type=positive_int, required=True, help="KV slots kept per layer")
     p.add_argument("--format", default="pt2", choices=FORMATS, help="artifact format (%(default)s)")
     p.add_argument("-o", "--out", required=True, help="output directory (must not exist, or be empty)")
@@ -35,11 +37,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import os
-
-    out = export(args.model, args.out, format=args.format, policy=args.policy, budget=args.budget,
-                 prompt_len=args.prompt_len, max_prompt=args.max_prompt, prefill_block=args.prefill_block,
-                 overwrite=args.overwrite, progress=not args.quiet)
+    """Handler of ``kvpass export``: export, then say where the artifact is and how big."""
+    out = kvpass.export(args.model, args.out, format=args.format, policy=args.policy, budget=args.budget,
+                        prompt_len=args.prompt_len, max_prompt=args.max_prompt, prefill_block=args.prefill_block,
+                        overwrite=args.overwrite, progress=not args.quiet)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out}{os.sep} ({get_format(args.format).description}; {size / 2**20:.1f} MiB)")
     return 0
