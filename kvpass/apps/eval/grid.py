@@ -24,6 +24,7 @@ from kvpass.apps.eval.runner import Forward, greedy_generate, score_continuation
 from kvpass.models import DEFAULT_MODEL, MODELS
 from kvpass.models import load as load_model
 from kvpass.models.data import CorpusUnavailable, LMSample, QASample
+from kvpass.validate import check_choice, check_int
 
 __all__ = [
     "FULL",
@@ -51,12 +52,6 @@ def valid_policies() -> list[str]:
     return [FULL, *sorted(POLICIES)]
 
 
-def _check(kind: str, plural: str, values: Sequence[str], valid: Sequence[str]) -> None:
-    for v in values:
-        if v not in valid:
-            raise ValueError(f"unknown {kind} {v!r}; valid {plural}: {', '.join(valid)}")
-
-
 def validate_grid(
     models: Sequence[str],
     policies: Sequence[str],
@@ -68,12 +63,13 @@ def validate_grid(
 
     ``known_models`` defaults to :data:`kvpass.models.MODELS` (a custom loader may know others).
     """
-    _check("model", "models", models, list(known_models if known_models is not None else MODELS))
-    _check("policy", "policies", policies, valid_policies())
-    _check("benchmark", "benchmarks", benchmarks, list(BENCHMARKS))
+    for kind, plural, values, valid in (
+            ("model", "models", models, list(known_models if known_models is not None else MODELS)),
+            ("policy", "policies", policies, valid_policies()), ("benchmark", "benchmarks", benchmarks, BENCHMARKS)):
+        for value in values:
+            check_choice(value, valid, kind, plural)
     for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
-            raise ValueError(f"budget must be a positive integer (KV slots per layer), got {b!r}")
+        check_int(b, "budget")
     if not models or not policies or not benchmarks:
         raise ValueError("models, policies and benchmarks must each name at least one entry")
     if any(p != FULL for p in policies) and not budgets:
