@@ -26,7 +26,8 @@ class BlockwisePrefill:
     """Give every first-forward attention site a store input, so one graph prefills a prompt block by block.
 
     Requires: ``sites`` from :func:`kvpass.analysis.find_attention_sites` of a prefill graph (no site
-    has a store input) traced with a *dynamic* prompt length ``s`` (the query length of every site).
+    has a store input) traced with a *dynamic* prompt length ``s`` (the query length of every site), writing a
+    DynamicCache (a StaticCache's buffers are a fixed-capacity store already). Refused otherwise, naming the fix.
 
     Ensures: per layer, two new placeholders hold the store kept so far (``[B, H_kv, capacity, D]``,
     the capacity :class:`~kvpass.passes.InsertKVEviction` gives that layer) and the site's candidate
@@ -44,7 +45,8 @@ class BlockwisePrefill:
         self.counters: collections.Counter[str] = collections.Counter()
 
     def uuid(self) -> str:
-        return f"{type(self).__name__}:v1:{sorted(self.capacities.items())}"
+        """Changes with the pass (its version) or the capacities it gives the stores."""
+        return f"{type(self).__name__}:v2:{sorted(self.capacities.items())}"
 
     def __call__(self, graph: fx.Graph, sites: list[AttentionSite]) -> BlockInputs:
         seq = self.prompt_symbol(sites)
@@ -82,9 +84,16 @@ class BlockwisePrefill:
 
     @staticmethod
     def prompt_symbol(sites: list[AttentionSite]) -> torch.SymInt:
-        """The dynamic prompt length every site's queries have; a clear error for a static graph."""
+        """The dynamic prompt length every site's queries have; a clear error for a static graph (or a cache the
+        block graph cannot take)."""
         if not sites or any(site.past_keys is not None for site in sites):
             raise UnsupportedGraph("kvpass: block-wise prefill applies to a first forward (empty cache) only")
+        static = [site.layer for site in sites if site.static_writes]
+        if static:
+            raise UnsupportedGraph(
+                f"kvpass: block-wise prefill needs the default DynamicCache, but layers {static} write a StaticCache, "
+                "whose buffers are already the fixed-capacity store; leave 'prefill_block' unset with a StaticCache"
+            )
         seq = node_value(sites[0].q).shape[2]
         if isinstance(seq, int) or len(free_symbols(seq)) != 1:
             raise UnsupportedGraph(
