@@ -6,6 +6,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.fx as fx  # noqa: E402
 import transformers  # noqa: E402
 
 
@@ -72,3 +73,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def dynamo_graph(fn, *args) -> fx.Graph:
+    """The graph Dynamo hands a backend for ``fn(*args)``: what kvpass's analysis reads."""
+    graphs = []
+    torch.compile(fn, backend=lambda gm, _: graphs.append(gm.graph) or gm.forward, fullgraph=True)(*args)
+    return graphs[0]
