@@ -69,11 +69,15 @@ def test_more_hf_decoders_are_exact(arch, attn):
     ids, mask = padded_batch()
     ref = generate(model, ids, mask)
     model.forward = compiled(model, policy="h2o", budget=64)
-    out = generate(model, ids, mask)
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * 2
+    if "sliding_attention" in layer_types:  # their 127-token windows exceed the budget: kvpass says it keeps them
+        with pytest.warns(UserWarning, match="keep HF's own 127-token window, above their budgets"):
+            out = generate(model, ids, mask)
+    else:
+        out = generate(model, ids, mask)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * 2
     full_layers = sum(t == "full_attention" for t in layer_types)
     if arch == "falcon_h1":  # (every layer holds attention beside its mamba mixer)
         full_layers = 2
