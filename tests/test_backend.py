@@ -104,6 +104,18 @@ def test_a_window_only_the_mask_applies_is_kvpass_to_apply_and_evict():
     assert "sliding window 8 (in the mask)" in str(kvpass.explain(model))
 
 
+def test_a_window_only_the_mask_applies_is_kept_over_a_static_cache():
+    # the same local layer over StaticCache buffers: kvpass applies the window there too (it used to drop it)
+    model = tiny_model("gpt_neo", "eager")
+    ids = padded_batch(length=30, batch=1)[0]
+    ref = generate(model, ids, steps=8)
+    model.forward = compiled(model, policy="h2o", budget=48)
+    out = generate(model, ids, steps=8, cache=StaticCache(config=model.config, max_cache_len=48))
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_gemma2_soft_capped_eager_attention_is_exact_and_compresses():
     # Gemma-2: logits soft-capped (tanh) before the mask; a cap of 1.0 on logits of size ~3 changes the result,
     # so dropping the cap fails. Layers alternate sliding-window (kept by HF) and full attention.

@@ -87,8 +87,11 @@ def static_cache_site(call: AttentionCall, outputs: set[fx.Node],
             raise UnsupportedGraph(f"kvpass: StaticCache keys and values of '{call.attn.name}' differ in shape: "
                                    f"{shapes}")
         past_k, past_v = (n if n.op == "placeholder" else None for n in (k_src, v_src))
+        # a window only the mask applies (GPT-Neo's local layers) is kvpass's to apply over the buffers, as over a
+        # DynamicCache that keeps every token
         return AttentionSite(call.kind, call.attn, call.q, k_src, v_src, k_src, v_src, past_k, past_v, call.mask,
-                             call.scale, softcap=call.softcap, static_writes=(k_write, v_write))
+                             call.scale, call.window, softcap=call.softcap, static_writes=(k_write, v_write),
+                             masked_window=bool(call.window))
     for src in (k_src, v_src):
         if is_index_copy(src) or any(is_index_copy(u) for u in src.users):
             raise UnsupportedGraph(
