@@ -22,6 +22,8 @@ def script(name: str):
     ("decode_floor", ["--repeats", "0"]),
     ("decode_floor", ["--steps", "-3"]),
     ("elastic_cache", ["--accuracy-only", "--problems", "0"]),
+    ("many_conversations", ["--conversations", "0"]),
+    ("many_conversations", ["--lockstep", "0"]),
 ])
 def test_benchmark_counts_must_be_positive(name, argv, capsys):
     with pytest.raises(SystemExit):
