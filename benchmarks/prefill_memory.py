@@ -4,7 +4,8 @@ Each (mode, length) runs in a fresh process. The model is loaded and (kvpass) co
 prompt first; then the peak-RSS counter is reset (Linux ``/proc/self/clear_refs``) and the prompt is
 prefilled, so ``peak_mib`` is the peak *increase* of resident memory during that prefill: every tensor it
 allocates (KV, activations, attention temporaries), not the weights. ``kv_bound_mib`` is the KV a
-block-wise prefill may hold by design: every layer's store plus one block, L x 2 x H_kv x (budget + block) x D.
+block-wise prefill may hold by design: every layer's store plus one block, L x 2 x H_kv x (budget + block) x D,
+a sliding-window layer's store holding its window - 1 tokens instead of the budget (Gemma-3's local layers).
 Prompts are random token ids (memory does not depend on content).
 
     python benchmarks/prefill_memory.py --lengths 2048,4096,8192,16384,32768 --out results/prefill_memory.json
@@ -157,6 +158,11 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
     from kvpass.apps.eval.runner import cache_bytes
 
     per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # fp32 bytes per token
+    # a sliding layer (HF's window, Gemma-3's local layers) holds window - 1 tokens, not the budget or the prompt
+    windows = [getattr(layer, "sliding_window", 0) for layer in DynamicCache(config=cfg).layers]
+    layer_slot = per_slot // cfg.num_hidden_layers
+    bound = layer_slot * sum((w - 1 if w else budget) + block for w in windows)
+    full = layer_slot * sum(min(w - 1, length) if w else length for w in windows)
     heads = [s.head_tokens for s in kv_stats(out.cache)] if mode == "blockwise" else None
     masked = None if heads is None else sum(cfg.num_key_value_heads * max(h) for h in heads) * 2 * head_dim * 4
     return {
@@ -164,10 +170,10 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
         "measure": measure, "head_budgets": head_budgets, "head_tokens": heads,
         "kv_masked_mib": None if masked is None else round(masked / 2**20, 1),
         "prefill_s": round(seconds, 2), "peak_mib": round(peak / 1024, 1),
-        "peak_bytes": round(peak * 1024), "kv_bound_bytes": per_slot * (budget + block),
+        "peak_bytes": round(peak * 1024), "kv_bound_bytes": bound,
         "kv_held_mib": round(cache_bytes(out.cache) / 2**20, 1),
-        "kv_full_mib": round(per_slot * length / 2**20, 1),
-        "kv_bound_mib": round(per_slot * (budget + block) / 2**20, 1),
+        "kv_full_mib": round(full / 2**20, 1),  # what HF's cache holds after a full prefill
+        "kv_bound_mib": round(bound / 2**20, 1),
     }
 
 

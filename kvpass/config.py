@@ -33,6 +33,7 @@ class KVPassOptions:
     reference_kernels: bool = False   # run the ops' pure-torch references on every device (debugging)
     head_budgets: str = "uniform"     # "adaptive": a layer's heads share its slots (Ada-KV), packed store
     head_floor: float = 0.2           # adaptive: each head keeps at least this fraction of the per-head budget
+    reserve: int = 0                  # slots past the budget that later forwards (questions, answers) fill first
 
     def uuid(self) -> str:
         """A key that changes whenever an option changes (for compile caches)."""
@@ -47,6 +48,7 @@ class KVPassOptions:
                 "reference_kernels": self.reference_kernels,
                 "head_budgets": self.head_budgets,
                 "head_floor": self.head_floor,
+                "reserve": self.reserve,
             },
             sort_keys=True,
         )
@@ -61,12 +63,13 @@ class KVPassOptions:
                 )
             return self.layer_budgets[layer]
         total = self.budget if self.budget is not None else max(1, math.ceil(self.ratio * prompt_len))
-        return self.policy.layer_budget(total, layer, n_layers)
+        # a ratio is a share of this prompt (PyramidKV's cap needs its length); a fixed budget serves every length
+        return self.policy.layer_budget(total, layer, n_layers, prompt_len if self.ratio is not None else None)
 
 
-_POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate"}
+_POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate", "scores"}
 VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
-              "reference_kernels", "head_budgets", "head_floor", *sorted(_POLICY_KEYS))
+              "reference_kernels", "head_budgets", "head_floor", "reserve", *sorted(_POLICY_KEYS))
 HEAD_BUDGETS = ("uniform", "adaptive")
 # Policies whose per-slot scores are softmax weights of the slot's own kv head, comparable across heads (Ada-KV's
 # premise). TOVA and StreamingLLM rank every head alike, and key norms are not comparable across heads.
@@ -128,6 +131,11 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
                 f"kvpass: option 'prefill_block' ({prefill_block}) needs a fixed 'budget' or 'layer_budgets': a "
                 f"'ratio' ({ratio}) of a prompt is unknown until the whole prompt has been read"
             )
+    if getattr(policy, "needs_observation_prompt", False) and prefill_block is None:
+        raise OptionError(
+            f"kvpass: policy {name!r} scores the context block by block, by an observation prompt's attention over it "
+            f"(option 'scores'={policy.scores!r}, EpiCache's rule); set 'prefill_block' (e.g. 512), or 'scores': "
+            "'forward' to score a whole-prompt prefill by its own last 'window' queries")
     episodes = options.get("episodes")
     if episodes is not None:
         episodes = _positive_int("episodes", episodes)
@@ -141,12 +149,18 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
         raise OptionError(f"kvpass: option 'reference_kernels' must be True or False (True runs the ops' pure-torch "
                          f"references instead of the Triton kernels, for debugging), got {reference_kernels!r}")
     head_budgets, head_floor = _head_options(options, policy)
+    reserve = options.get("reserve", 0)
+    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+        raise OptionError(f"kvpass: option 'reserve' must be an int >= 0 (store slots past the budget that forwards "
+                          f"after the prefill fill before anything is evicted), got {reserve!r}")
     return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes,
-                         reference_kernels, head_budgets, head_floor)
+                         reference_kernels, head_budgets, head_floor, reserve)
 
 
 def _head_options(options: dict[str, Any], policy: Policy) -> tuple[str, float]:
-    head_budgets = options.get("head_budgets", "uniform")
+    # EpiCache's reference defaults to its "pair" level: one top-k over all of a layer's heads, no floor
+    pair = policy.name == "epicache" and "head_budgets" not in options
+    head_budgets = options.get("head_budgets", "adaptive" if pair else "uniform")
     if head_budgets not in HEAD_BUDGETS:
         raise OptionError(f"kvpass: option 'head_budgets' must be one of {list(HEAD_BUDGETS)}, got {head_budgets!r}")
     head_floor = options.get("head_floor")
@@ -154,7 +168,7 @@ def _head_options(options: dict[str, Any], policy: Policy) -> tuple[str, float]:
         raise OptionError(f"kvpass: option 'head_floor' ({head_floor!r}) applies to head_budgets 'adaptive' only; "
                          f"got head_budgets {head_budgets!r}")
     if head_floor is None:
-        head_floor = KVPassOptions.head_floor
+        head_floor = 0.0 if pair else KVPassOptions.head_floor
     if isinstance(head_floor, bool) or not isinstance(head_floor, int | float) or not 0 <= head_floor <= 1:
         raise OptionError(f"kvpass: option 'head_floor' must be a number in [0, 1] (fraction of the per-head budget "
                          f"every head keeps), got {head_floor!r}")

@@ -127,7 +127,9 @@ def score_kernel(policy: str, obs: Tensor, k: Tensor, pos: Tensor, acc: Tensor, 
     if rule is None:
         raise ValueError(f"kvpass: the SnapKV scores kernel serves SnapKV/PyramidKV prefills only; got policy "
                          f"{policy!r} with N={k.shape[2]} slots and n_new={n_new}")
-    return snapkv_scores(obs, pos, rule.n_obs(n_new), rule.window, rule.kernel_size, rule.pooling, wrap=wrap)
+    # (the protected window never exceeds the store: the newest min(window, budget) positions)
+    return snapkv_scores(obs, pos, rule.n_obs(n_new), min(rule.window, budget), rule.kernel_size, rule.pooling,
+                         wrap=wrap)
 
 
 def _attend_cuda(q, k, v, pos, scale, policy, window, softcap=0.0, sinks=None):

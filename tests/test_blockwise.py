@@ -36,7 +36,8 @@ def attend_slots(fn):
 def test_block_prefill_with_budget_covering_the_prompt_is_exact_for_every_length(policy, head_budgets):
     model = tiny_model()
     ref_model = tiny_model()
-    model.forward = compiled(model, policy=policy, budget=128, prefill_block=16, head_budgets=head_budgets)
+    extra = {"scores": "forward"} if policy == "epicache" else {}  # (no observation prompt: the blocks' own queries)
+    model.forward = compiled(model, policy=policy, budget=128, prefill_block=16, head_budgets=head_budgets, **extra)
     for length in (100, 77, 40):  # 7, 5 and 3 blocks; the first one left-padded
         ids = torch.randint(1, 128, (1, length), generator=torch.Generator().manual_seed(length))
         ref = generate(ref_model, ids)
@@ -86,6 +87,7 @@ def test_block_prefill_of_a_left_padded_batch_matches_every_real_token_logit():
 def test_stores_never_exceed_budget_plus_one_block(policy, head_budgets):
     model = tiny_model()
     extra = {"window": 8} if policy in ("snapkv", "pyramidkv", "epicache") else {}
+    extra.update({"scores": "forward"} if policy == "epicache" else {})
     forward = compiled(model, policy=policy, budget=24, prefill_block=16, head_budgets=head_budgets, **extra)
     ids = torch.randint(1, 128, (1, 150))
     prefill(forward, model, ids[:, :40], logits_to_keep=1)  # compile outside the recording mode
@@ -114,10 +116,11 @@ def test_streaming_llm_blocks_keep_sinks_and_the_newest_tokens():
 
 def test_observation_tokens_are_scored_from_but_never_stored():
     model = tiny_model()
-    forward = compiled(model, policy="epicache", budget=24, prefill_block=16, window=6)
+    forward = compiled(model, policy="epicache", budget=24, prefill_block=16, window=6, head_budgets="uniform")
     session_ids = torch.randint(1, 128, (6,))
     ids = torch.randint(1, 128, (1, 100))
-    prefill(forward, model, ids[:, :20], logits_to_keep=1)  # compile
+    with kvpass.observing(session_ids):
+        prefill(forward, model, ids[:, :20], logits_to_keep=1)  # compile
     with kvpass.observing(session_ids):
         out = prefill(forward, model, ids, logits_to_keep=1)
     state = store_state(out.cache.layers[0].keys)
@@ -128,9 +131,9 @@ def test_observation_tokens_are_scored_from_but_never_stored():
     with kvpass.observing(torch.flip(ids[0, 40:46], dims=[0])):
         other = prefill(forward, model, ids, logits_to_keep=1)
     assert not torch.equal(state.pos, store_state(other.cache.layers[0].keys).pos)
-    # outside the block, prefills observe nothing again
-    plain = prefill(forward, model, ids, logits_to_keep=1)
-    assert torch.isfinite(plain.logits).all()
+    # outside the block, prefills observe nothing again: EpiCache's blocks have nothing to be scored by
+    with pytest.raises(ValueError, match="scores each block by an observation prompt's attention"):
+        prefill(forward, model, ids, logits_to_keep=1)
 
 
 def test_static_prompt_longer_than_a_block_asks_for_dynamic_shapes():

@@ -33,7 +33,13 @@ from kvpass.policies import POLICIES
         ({"policy": "snapkv", "budget": 8, "head_budgets": "adaptive", "head_floor": 1.5}, "1.5"),
         ({"policy": "snapkv", "budget": 8, "head_budgets": "adaptive", "head_floor": "some"}, "'some'"),
         ({"policy": "tova", "budget": 8, "head_budgets": "adaptive"}, "'tova'"),
-        ({"policy": "epicache", "budget": 8, "head_budgets": "adaptive", "kernel_size": 3}, "kernel_size 3"),
+        ({"policy": "epicache", "budget": 8, "prefill_block": 16, "head_budgets": "adaptive", "kernel_size": 3},
+         "kernel_size 3"),
+        ({"policy": "epicache", "budget": 8, "prefill_block": 16, "scores": "softmax"}, "'softmax'"),
+        ({"policy": "epicache", "budget": 8}, "'scores'='context'"),  # EpiCache's rule scores block by block
+        ({"policy": "snapkv", "budget": 8, "reserve": -1}, "-1"),
+        ({"policy": "snapkv", "budget": 8, "reserve": 2.5}, "2.5"),
+        ({"policy": "snapkv", "budget": 8, "scores": "context"}, "'scores'"),
     ],
 )
 def test_bad_options_are_rejected_with_the_value_quoted(options, quoted):
@@ -64,3 +70,13 @@ def test_head_budgets_default_uniform_and_adaptive_keeps_its_floor():
     opts = parse_options({"policy": "h2o", "budget": 8, "head_budgets": "adaptive", "head_floor": 0.5})
     assert (opts.head_budgets, opts.head_floor) == ("adaptive", 0.5)
     assert parse_options({"policy": "snapkv", "budget": 8, "head_budgets": "adaptive"}).head_floor == 0.2
+
+
+def test_epicache_defaults_to_its_references_pair_heads_and_context_scores():
+    opts = parse_options({"policy": "epicache", "budget": 8, "prefill_block": 16})
+    assert (opts.head_budgets, opts.head_floor, opts.policy.scores, opts.reserve) == ("adaptive", 0.0, "context", 0)
+    uniform = parse_options({"policy": "epicache", "budget": 8, "prefill_block": 16, "head_budgets": "uniform"})
+    assert uniform.head_budgets == "uniform"
+    assert parse_options({"policy": "snapkv", "budget": 8}).head_budgets == "uniform"
+    assert parse_options({"policy": "epicache", "budget": 8, "scores": "forward"}).policy.scores == "forward"
+    assert parse_options({"policy": "h2o", "budget": 8, "reserve": 32}).reserve == 32

@@ -13,7 +13,9 @@ from kvpass.ops import attend_reference
 from kvpass.policies import make_policy
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-POLICIES = {"h2o": {}, "snapkv": {"window": 4}, "tova": {}, "streaming_llm": {}, "epicache": {"window": 5}}
+# (EpiCache's attention-op weights: its "forward" scores; its default context scores come from another op)
+POLICIES = {"h2o": {}, "snapkv": {"window": 4}, "tova": {}, "streaming_llm": {},
+            "epicache": {"window": 5, "scores": "forward"}}
 
 
 def run_case(seed: int, b: int, hkv: int, group: int, t: int, c: int, d: int, dtype: torch.dtype, policy: str,

@@ -20,9 +20,11 @@ LOW = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 
 def make_args(seed: int, b: int, h: int, n: int, q_rows: int, d: int, t: int, w: int, dtype: torch.dtype,
-              pad: int = 0) -> tuple:
+              pad: int = 0, sharp: float = 1.0) -> tuple:
     """Op inputs as Elastic-Cache builds them: distinct canvas rows (``pad`` of them copies of the last real row,
-    with identical q/k/v), tracked tokens among the rows, window slots indexing the rows, zero-weight padding."""
+    with identical q/k/v), tracked tokens among the rows, window slots indexing the rows, zero-weight padding.
+    ``sharp`` scales the queries: sharp attention leaves keys that no head attends to (probabilities < 1e-8), where
+    the reference's cosine across heads clamps its norms."""
     gen = torch.Generator().manual_seed(seed)
     real = q_rows - pad
     rows = torch.randperm(n, generator=gen)[:real]
@@ -31,6 +33,7 @@ def make_args(seed: int, b: int, h: int, n: int, q_rows: int, d: int, t: int, w:
     for x in (q, k, v):
         x[:, :, real:] = x[:, :, real - 1 : real]
     k_cache, v_cache, q_cache = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    q, q_cache = q * sharp, q_cache * sharp
     pick = lambda m: torch.randint(0, q_rows, (m,), generator=gen)  # noqa: E731
     track = rows[pick(t)]
     track_weight = (torch.rand(t, generator=gen) < 0.8).float()
@@ -42,14 +45,24 @@ def make_args(seed: int, b: int, h: int, n: int, q_rows: int, d: int, t: int, w:
             window, window_weight, excluded)
 
 
-def expected_cos(args: tuple) -> torch.Tensor:
-    """Each tracked token's cosine similarity, before vs after, in float32 (what ``sim`` averages)."""
+def attention_before_after(args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tracked tokens' attention probabilities ``[B, H, T, N]`` before and after, in float32."""
     q, k, _, rows, k_cache, _, q_cache, track = (x.float() if x.is_floating_point() else x for x in args[:8])
     scale = q.shape[-1] ** -0.5
     before = torch.softmax(q_cache[:, :, track] @ k_cache.transpose(-1, -2) * scale, -1)
     k_new, q_new = k_cache.index_copy(2, rows, k), q_cache.index_copy(2, rows, q)
     after = torch.softmax(q_new[:, :, track] @ k_new.transpose(-1, -2) * scale, -1)
-    return torch.nn.functional.cosine_similarity(before, after, dim=-1)
+    return before, after
+
+
+def expected_cos(args: tuple) -> torch.Tensor:
+    """Each (head, tracked token)'s cosine across the keys, in float32 (what ``sim[1]`` averages)."""
+    return torch.nn.functional.cosine_similarity(*attention_before_after(args), dim=-1)
+
+
+def expected_cos_heads(args: tuple) -> torch.Tensor:
+    """Each tracked token's cosine across heads, averaged over the keys, in float32 (what ``sim[0]`` averages)."""
+    return torch.nn.functional.cosine_similarity(*attention_before_after(args), dim=1).mean(-1)
 
 
 def nan_scratch(shape, dtype, device):
@@ -63,8 +76,10 @@ def run_case(args: tuple, config: dict | None = None) -> None:
     out = torch.full(q.shape, float("nan"), dtype=dtype)
     score = torch.full((n,), float("nan"), dtype=dtype)
     cos = torch.full((b, h, t), float("nan"))
+    cos_heads = torch.full((b, t), float("nan"))
     with mock.patch.object(E, "_scratch", nan_scratch):
-        got = E.elastic_attend(*args, config=config, out=out, score=score, cos=cos if t else None)
+        got = E.elastic_attend(*args, config=config, out=out, score=score, cos=cos if t else None,
+                               cos_heads=cos_heads if t else None)
     assert got[0].data_ptr() == out.data_ptr() and got[5].data_ptr() == score.data_ptr()
     ref32 = elastic_attend_reference(*(x.float() if x.is_floating_point() else x for x in args))
     ref = elastic_attend_reference(*args)
@@ -75,8 +90,9 @@ def run_case(args: tuple, config: dict | None = None) -> None:
             continue
         torch.testing.assert_close(g.float(), r32, atol=TOL[dtype], rtol=TOL[dtype], msg=name)
         torch.testing.assert_close(g, r, atol=LOW[dtype], rtol=LOW[dtype], msg=name)
-    if t:  # each tracked token's cosine, computed in float32 from the same inputs: tight for every dtype
+    if t:  # each tracked token's cosines, computed in float32 from the same inputs: tight for every dtype
         torch.testing.assert_close(cos, expected_cos(args), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cos_heads, expected_cos_heads(args), atol=1e-5, rtol=1e-5)
 
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_GROUPS": 1, "num_warps": 4, "num_stages": 2}
@@ -100,15 +116,26 @@ def test_elastic_matches_reference(b, h, n, q_rows, d, t, w, dtype, pad, config)
 def test_drift_is_real_and_one_without_change():
     args = make_args(3, 1, 2, 30, 8, 16, 4, 3, torch.float32)
     cos = expected_cos(args)
-    assert float(cos.min()) < 0.9  # random before/after queries: the test data drifts
+    assert float(cos.min()) < 0.9 and float(expected_cos_heads(args).min()) < 0.9  # the test data drifts
     run_case(args, SMALL)
     # the rows' queries and keys equal the cached ones: nothing drifted, every cosine is 1
     q, k, v, rows, kc, vc, qc = args[:7]
     same = (qc[:, :, rows], kc[:, :, rows], vc[:, :, rows], *args[3:])
-    cos = torch.empty(1, 2, 4)
-    sim = E.elastic_attend(*same, config=GROUPS, cos=cos)[4]
+    cos, cos_heads = torch.empty(1, 2, 4), torch.empty(1, 4)
+    sim = E.elastic_attend(*same, config=GROUPS, cos=cos, cos_heads=cos_heads)[4]
     torch.testing.assert_close(cos, torch.ones_like(cos))
-    assert float(sim) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(cos_heads, torch.ones_like(cos_heads))
+    torch.testing.assert_close(sim, torch.ones(2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sharp_attention_clamps_the_heads_cosine_like_the_reference(dtype):
+    """Keys no head attends to (probabilities < 1e-8 in every head): torch's cosine_similarity clamps each norm
+    at 1e-8, so they count as cosine ~0 in the reference's statistic; the kernel does the same arithmetic."""
+    args = make_args(7, 1, 2, 40, 8, 16, 3, 3, dtype, sharp=12.0)
+    before, after = attention_before_after(args)
+    assert float((before.norm(dim=1) < 1e-8).float().mean()) > 0.2    # the clamp matters on these inputs
+    run_case(args, SMALL)
 
 
 def test_strided_index_inputs():
@@ -121,9 +148,9 @@ def test_nothing_tracked_or_no_window():
     base = make_args(4, 1, 2, 18, 5, 16, 3, 2, torch.float32)
     untracked = (*base[:7], base[7][:0], base[8][:0], *base[9:])
     run_case(untracked, SMALL)
-    assert float(E.elastic_attend(*untracked)[4]) == 1.0
+    assert torch.equal(E.elastic_attend(*untracked)[4], torch.ones(2))
     zero_weights = (*base[:8], torch.zeros(3), *base[9:])
-    assert float(E.elastic_attend(*zero_weights)[4]) == 1.0
+    assert torch.equal(E.elastic_attend(*zero_weights)[4], torch.ones(2))
     no_window = (*base[:9], base[9][:0], base[10][:0], base[11])
     run_case(no_window, GROUPS)
 
@@ -170,12 +197,15 @@ def test_elastic_kernels_compile_to_ptx_sm90():
         meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, DOT_FP32=exact, PRECISION="ieee" if exact else "tf32")
         fwd = {**{x: f"*{dtype}" for x in ("Q", "K", "V", "OUT")}, "LSE": "*fp32", "qk_scale": "fp32"}
         drift = {**{x: f"*{dtype}" for x in ("QC", "KC", "QN", "KN")}, "TRACK": "*i64", "COS": "*fp32",
-                 "qk_scale": "fp32"}
+                 "LSEB": "*fp32", "LSEA": "*fp32", "qk_scale": "fp32"}
+        heads = {**{x: f"*{dtype}" for x in ("QC", "KC", "QN", "KN")}, "TRACK": "*i64", "LSEB": "*fp32",
+                 "LSEA": "*fp32", "PART": "*fp32", "qk_scale": "fp32", "eps": "fp32"}
         groups = 4 if dtype == "bf16" else 1
         scores = {"Q": f"*{dtype}", "KN": f"*{dtype}", "LSE": "*fp32", "WIN": "*i64", "WW": "*fp32", "EXCL": "*u8",
                   "OUT": f"*{dtype}" if groups == 1 else "*fp32", "qk_scale": "fp32"}
         jobs += [("elastic_drift", "_elastic_fwd", fwd, meta),
                  ("elastic_drift", "_elastic_drift", drift, {**meta, "BLOCK_M": 16}),
+                 ("elastic_drift", "_elastic_drift_heads", heads, {**meta, "BLOCK_M": 16}),
                  ("elastic_drift", "_elastic_scores", scores, {**meta, "BLOCK_M": 16, "HEAD_GROUPS": groups})]
     for (_, kernel, sig, _), text in zip(jobs, kh.compile_ptx_sm90(jobs), strict=True):
         assert ".target sm_90" in text and f".entry {kernel}(" in text

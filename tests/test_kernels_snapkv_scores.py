@@ -24,7 +24,7 @@ def run_case(seed: int, b: int, hkv: int, group: int, n: int, policy: str, windo
     out = (torch.full(pos.shape, float("nan")), torch.full(pos.shape, float("nan")))
     keep, acc = S.snapkv_scores(obs, pos, n_window, window, kernel_size, pooling, config=config, out=out)
     assert keep.data_ptr() == out[0].data_ptr() and acc.data_ptr() == out[1].data_ptr()
-    ref_keep, ref_acc = score_reference(rule.spec(), obs, keys, pos, torch.zeros(pos.shape), n, 1)
+    ref_keep, ref_acc = score_reference(rule.spec(), obs, keys, pos, torch.zeros(pos.shape), n, n)
     torch.testing.assert_close(acc, ref_acc, atol=1e-6, rtol=1e-5)
     assert torch.equal(keep == float("inf"), ref_keep == float("inf"))  # the same protected slots
     torch.testing.assert_close(keep, ref_keep, atol=1e-6, rtol=1e-5)

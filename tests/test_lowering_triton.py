@@ -10,6 +10,7 @@ import torch
 from kvpass.lowering import triton_lowering as TL
 from test_kernels_elastic_drift import make_args
 
+from kvpass.ops import REFERENCES
 from kvpass.ops import dllm as ops_dllm
 from kvpass.ops import kv as ops
 from kvpass.policies import make_policy
@@ -36,7 +37,7 @@ def test_cpu_ops_still_run_the_references():
 
 def test_kernel_route_matches_reference_and_env_forces_reference(monkeypatch):
     q, k, v, pos = inputs(1)
-    for name, params in [("h2o", {}), ("epicache", {"window": 2}), ("streaming_llm", {})]:
+    for name, params in [("h2o", {}), ("epicache", {"window": 2, "scores": "forward"}), ("streaming_llm", {})]:
         spec = make_policy(name, **params).spec()
         ref = ops.attend_reference(q, k, v, pos, 0.25, spec, 4)
         monkeypatch.delenv(TL.ENV_REFERENCE, raising=False)
@@ -62,7 +63,7 @@ def test_inductor_decompositions_per_device(monkeypatch):
     monkeypatch.delenv(TL.ENV_REFERENCE, raising=False)
     cpu = [torch.zeros(2)]
     assert TL.decompositions(cpu, inline_ops=False) is None  # CPU: unchanged (opaque ops)
-    assert TL.decompositions(cpu, inline_ops=True) == ops.REFERENCES
+    assert TL.decompositions(cpu, inline_ops=True) == REFERENCES  # every op the passes insert
     with mock.patch.object(TL, "on_cuda", return_value=True):
         table = TL.decompositions(cpu, inline_ops=False)
         attend, compact, elastic, _ = TL.triton_ops()
@@ -73,7 +74,7 @@ def test_inductor_decompositions_per_device(monkeypatch):
         keys = torch.empty(1, 2, 6, 4)
         assert score(make_policy("h2o").spec(), obs, keys, pos, torch.zeros(1, 2, 6), 6, 3) is NotImplemented
         inline = TL.decompositions(cpu, inline_ops=True)
-        assert inline[torch.ops.kvpass.extend_meta.default] is ops.REFERENCES[torch.ops.kvpass.extend_meta.default]
+        assert inline[torch.ops.kvpass.extend_meta.default] is REFERENCES[torch.ops.kvpass.extend_meta.default]
         h2o_args = (make_policy("h2o").spec(), obs, keys, pos, torch.zeros(1, 2, 6), 6, 3)
         assert all(torch.equal(a, b) for a, b in zip(inline[torch.ops.kvpass.score.default](*h2o_args),
                                                      ops.score_reference(*h2o_args), strict=True))

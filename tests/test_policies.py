@@ -160,10 +160,11 @@ def test_knorm_keeps_lowest_key_norms(qk):
 
 
 def test_pyramidkv_budgets_shrink_with_depth_and_average_to_the_request():
-    policy = PyramidKV(beta=20)
+    policy = PyramidKV(beta=20, window=4)  # 100 / 20 >= window: a pyramid (below it kvpress falls back to uniform)
     budgets = [policy.layer_budget(100, i, 10) for i in range(10)]
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > 100 > budgets[-1]
     assert budgets[-1] == round(100 / 20) and abs(sum(budgets) / 10 - 100) <= 1
+    assert {PyramidKV(beta=20, window=6).layer_budget(100, i, 10) for i in range(10)} == {100}
     # PyramidKV uses SnapKV's scores
     assert PyramidKV(window=4).n_obs(10) == SnapKV(window=4).n_obs(10) == 4
 

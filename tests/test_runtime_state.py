@@ -22,8 +22,10 @@ POLICIES = {  # budget 16 < prompts of 30-40 tokens: every policy evicts
     "h2o": {},
     "tova": {},
     "pyramidkv": {"window": 4},
-    "epicache-blockwise": {"policy": "epicache", "window": 4, "prefill_block": 16},
+    # (no observation prompt in the lockstep tests: EpiCache's blocks scored by their own last queries)
+    "epicache-blockwise": {"policy": "epicache", "window": 4, "prefill_block": 16, "scores": "forward"},
 }
+EPISODES = {"policy": "epicache", "prefill_block": 16}  # EpiCache's own rule: blocks scored by a patched prompt
 
 
 def compiled(model, name: str):
@@ -137,7 +139,8 @@ def test_generate_interleaved_with_hand_written_loops_gives_each_its_tokens():
 def test_observation_prompts_apply_to_their_own_prefill_only():
     # EpiCache's episodes: each prefill observed by its own patched prompt, through one compiled forward
     model = tiny_model()
-    forward = compiled(model, "epicache-blockwise")
+    forward = torch.compile(model.forward, backend="kvpass", dynamic=True,
+                            options={"budget": 16, "compiler": "aot_eager", **EPISODES})
     ids = prompts(1, seed=3)[0].expand(2, -1)[:1]
     patched = [torch.randint(1, 128, (6,), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     alone = [run_alone(forward, model, ids, 6, observe=p) for p in patched]

@@ -6,18 +6,30 @@ Each denoising step (Nguyen-Tri et al., 2025, Algorithm 1):
    ``window`` leftmost masked positions; every other position — masked ones outside the window
    included ("block caching") — keeps its cached keys/values;
 2. layer by layer, ``kvpass::elastic_attend`` writes the rows into the layer's caches and returns
-   the cosine similarity of the tracked tokens' attention before vs after; the first layer ``l``
-   where it falls below ``gamma`` starts a refresh: every position is recomputed from layer ``l+1``
-   on while layers ``<= l`` keep their caches;
+   the drift statistic: the tracked tokens' attention probabilities before vs after, compared as the
+   reference implementation does (``drift="heads"``: ``F.cosine_similarity(past, now, dim=1).mean()``
+   in ``LLaDABlock.attention``, the cosine across the heads axis for every (tracked token, key),
+   averaged over tracked tokens and keys); the first layer ``l`` where it falls below ``gamma``
+   starts a refresh: every position is recomputed from layer ``l+1`` on while layers ``<= l`` keep
+   their caches;
 3. the window's predictions above ``threshold`` (at least the most confident) are committed, and
    each layer's next tracked token is the decoded position the window attended to most.
 
-The refresh needs layer ``l+1``'s input for every position. The reference implementation feeds it
-the input cached at the previous refresh (``boundary="cached"``). By default (``boundary="fresh"``)
-layer ``l`` is instead evaluated on every position from its cached inputs — its keys/values for the
-non-step rows come out equal to the cached ones, so layers ``<= l`` still keep their caches — which
-makes layer ``l+1``'s inputs current. With ``gamma`` above 1 every step then refreshes from layer 0
-on and the tokens equal no-cache decoding exactly.
+The refresh needs layer ``l+1``'s input for every position. As the reference implementation does
+(``boundary="cached"``, the default), it gets the input cached for every position (at the last
+refresh, or the last step that ran the position), with this step's rows overwritten by their fresh
+hidden states from layer ``l``.
+
+Departures from the reference, kept as named options (README, BENCHMARKS.md: "Faithful drift test
+and boundary (issue 19)"):
+
+* ``drift="keys"``: kvpass's earlier drift statistic, the cosine across the keys (each head's
+  attention row) per (head, tracked token), averaged over heads and tracked tokens. The same
+  ``gamma`` then means a different refresh rate.
+* ``boundary="fresh"``: layer ``l`` is also evaluated on every position from its cached inputs — its
+  keys/values for the non-step rows come out equal to the cached ones, so layers ``<= l`` still keep
+  their caches — which makes layer ``l+1``'s inputs current. With ``gamma`` above 1 every step then
+  refreshes from layer 0 on and the tokens equal no-cache decoding exactly.
 
 With ``compile=...`` shapes are static per canvas (step rows padded to ``L * track_num + 2 * window``
 with copies of a real row, tracked and window slots padded with zero weight), so each layer graph
@@ -34,21 +46,26 @@ import torch
 import torch.fx as fx
 
 from kvpass.models.llada_generate import commit_confident, masked_canvas
-from kvpass.passes.refresh_dllm_kv import ElasticProgram, RefreshDLLMKV
+from kvpass.passes.refresh_dllm_kv import DRIFT_STATISTICS, ElasticProgram, RefreshDLLMKV
 
-BOUNDARIES = ("fresh", "cached")
+# the reference's rule first: "cached" boundary, "heads" drift statistic; the others are departures
+BOUNDARIES = ("cached", "fresh")
+DRIFTS = DRIFT_STATISTICS
 
 
 @dataclasses.dataclass(frozen=True)
 class ElasticConfig:
-    """Defaults as the paper: window 16, gamma 0.9, confidence threshold 0.9, one tracked token per layer."""
+    """Defaults as the paper and its reference code: window 16, gamma 0.9, confidence threshold 0.9, one tracked
+    token per layer, the drift test's cosine across heads (``drift="heads"``) and the refresh from layer ``l+1``
+    on cached inputs (``boundary="cached"``). ``drift="keys"`` and ``boundary="fresh"`` are kvpass departures."""
 
     window: int = 16
     gamma: float = 0.9
     threshold: float | None = 0.9   # None: commit the tokens_per_step most confident window positions
     tokens_per_step: int = 1
     track_num: int = 1
-    boundary: str = "fresh"
+    drift: str = "heads"            # "heads": the reference's drift statistic; "keys": kvpass's earlier one
+    boundary: str = "cached"        # "cached": the reference's refresh boundary; "fresh": recompute layer l too
     compile: str | None = None      # a torch.compile backend for the layer graphs, or None (run the graphs)
 
     def __post_init__(self) -> None:
@@ -62,6 +79,8 @@ class ElasticConfig:
             raise ValueError(f"tokens_per_step={self.tokens_per_step} must be >= 1")
         if self.boundary not in BOUNDARIES:
             raise ValueError(f"boundary={self.boundary!r}; valid: {BOUNDARIES}")
+        if self.drift not in DRIFTS:
+            raise ValueError(f"drift={self.drift!r}; valid: {DRIFTS}")
 
 
 @dataclasses.dataclass
@@ -141,6 +160,7 @@ class ElasticCacheGenerator:
         all_pos = torch.arange(n)
         masked = torch.arange(plen, n)
         n_track = n_layers * cfg.track_num
+        stat = DRIFTS.index(cfg.drift)      # which of kvpass::elastic_attend's drift statistics gamma tests
         q_rows = n_track + 2 * w
         static = cfg.compile is not None
 
@@ -184,7 +204,7 @@ class ElasticCacheGenerator:
                                      win_idx, win_w, excluded)
                     h, sim, scores[layer] = out
                     token_layers += len(rows)
-                    if float(sim) < cfg.gamma:
+                    if float(sim[stat]) < cfg.gamma:
                         if cfg.boundary == "fresh":
                             first_full, h = layer, xc[layer]     # redo this layer on every position
                         else:

@@ -8,7 +8,8 @@ episodes and each episode's cache is scored by that episode's patched prompt (Ep
 
 All functions take ``forward`` = ``torch.compile(model.forward, backend="kvpass", dynamic=True,
 options=options)`` and the same ``options`` dict. Each compressed context is its own cache (kvpass's state travels
-with its stores), so any number of contexts and episodes share one compiled forward.
+with its stores), so any number of contexts and episodes share one compiled forward. Give the options a ``reserve``
+(store slots past the budget) of at least a question and its answer, and the answers evict nothing.
 """
 
 from __future__ import annotations
@@ -62,43 +63,80 @@ def answer(forward, model: torch.nn.Module, context: CompressedContext, question
     return list(generation.token_ids)
 
 
+# The reference's instruction before an episode's windows (apple/ml-epicache, ``token_scoring``, method "clustering")
+PATCHED_INSTRUCTION = ("\n\nExtract essential information from this conversation segment. Identify speaker names, "
+                       "personas, key events with dates/times, personal details, commitments, opinions, relationships, "
+                       "emotional moments, and unique experiences.")
+
+
+def patched_prompt_prefix(tokenizer) -> list[int]:
+    """The tokens EpiCache's reference puts before an episode's windows: its instruction, then the chat template's
+    end of the user turn and start of the assistant's (the reference's ``postfix``), from ``tokenizer``'s template."""
+    marker = "\x00kvpass\x00"
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    postfix = turn[turn.index(marker) + len(marker):]
+    return tokenizer.encode(PATCHED_INSTRUCTION + postfix, add_special_tokens=False)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (the reference normalizes every encoder's embeddings); zero rows stay zero."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
 class EpisodicCache:
     """EpiCache over one long context: cluster its segments into episodes, keep one compressed cache per
-    episode (scored by the episode's patched prompt), and answer each question from the episode it is
-    nearest to.
+    episode (scored by the episode's patched prompt), and answer each question from the episode it matches.
 
-    Segments (e.g. windows of utterances) are embedded by ``embed`` (token-id lists -> one row each; default
-    the mean of the model's own input embeddings, no extra dependency; EpiCache's sentence encoder is
-    :func:`sentence_embed`), clustered with scikit-learn's K-means, and each episode's
-    patched prompt is built from the segments nearest its centroid, to exactly the policy's ``window``
-    tokens (the number of observation queries). Episode caches not in use can be moved to the CPU.
+    As the reference (apple/ml-epicache, ``ClusterManager`` and ``run_epicache.py``): segments (windows of
+    utterances) are embedded by ``embed`` (token-id lists -> one row each; default the mean of the model's own input
+    embeddings, the reference's "llm" encoder; :func:`sentence_embed` for its all-MiniLM-L6-v2 encoder) and
+    L2-normalized; scikit-learn's K-means (``n_init=10``, ``random_state=seed``, 42 as the reference) clusters them;
+    an episode's patched prompt is ``prefix_ids`` (the reference's instruction and chat-template turn:
+    :func:`patched_prompt_prefix`) followed by the ``medoids`` windows most cosine-similar to its centroid (8 in the
+    reference's scripts), in conversation order, each followed by ``separator_ids``, at full length; a question goes
+    to the episode whose centroid has the largest dot product with its normalized embedding. Each episode's cache is
+    built by its own block-wise prefill (the reference's loop), or with ``batched=True`` all in one (the episodes are
+    the rows of one batch, each with its own patched prompt; the same caches, but measured 3.6x slower on a 2-core
+    CPU: every row's prompt is padded to the longest, and the packed ``pair`` attention's temporaries grow with the
+    batch; see BENCHMARKS.md).
 
-    ``route``: ``"centroid"`` (the paper) sends a question to the episode with the nearest centroid;
-    ``"segment"`` (a kvpass extension) to the episode of the nearest single segment — a question about an
-    outlying segment (a fact unlike its episode's other segments) still reaches the cache built for it.
+    Answers are appended to a copy of the episode's cache without evicting anything (the reference appends question
+    and answer and slices them off afterwards): the compiled forward's ``reserve`` option must hold the question and
+    the answer, else :meth:`answer` refuses. ``evict_answers=True`` (a kvpass departure) lets them evict context
+    tokens at the budget instead.
+
+    ``route="segment"`` (a kvpass extension) sends a question to the episode of the single segment with the largest
+    dot product — a question about an outlying segment still reaches the cache built for it.
     """
 
     ROUTES = ("centroid", "segment")
 
-    def __init__(self, forward, model: torch.nn.Module, options: dict, seed: int = 0,
+    def __init__(self, forward, model: torch.nn.Module, options: dict, seed: int = 42,
                  embed: Callable[[Sequence[Sequence[int]]], np.ndarray] | None = None,
-                 route: str = "centroid") -> None:
+                 route: str = "centroid", medoids: int = 8, prefix_ids: Sequence[int] = (),
+                 separator_ids: Sequence[int] = (), batched: bool = False, evict_answers: bool = False) -> None:
         opts = parse_options(options)
         if opts.policy.name != "epicache" or opts.episodes is None:
-            raise ValueError(f"kvpass: EpisodicCache needs options with policy 'epicache' and 'episodes'; got "
-                             f"{options!r}")
+            raise OptionError(f"kvpass: EpisodicCache needs options with policy 'epicache' and 'episodes'; got "
+                              f"{options!r}")
         if embed is not None and not callable(embed):
             raise TypeError(f"kvpass: EpisodicCache's embed must map token-id lists to vectors (a callable); got "
                             f"{embed!r}")
         if route not in self.ROUTES:
             raise ValueError(f"kvpass: EpisodicCache's route must be one of {self.ROUTES}; got {route!r}")
+        if isinstance(medoids, bool) or not isinstance(medoids, int) or medoids < 1:
+            raise ValueError(f"kvpass: EpisodicCache's medoids (windows per patched prompt) must be an int >= 1; got "
+                             f"{medoids!r}")
         self.forward, self.model, self.options, self.seed, self.routing = forward, model, options, seed, route
         self.embed = embed or self.embed_input_mean
-        self.episodes = opts.episodes
-        self.patched_tokens = opts.policy.window
+        self.episodes, self.reserve, self.evict_answers = opts.episodes, opts.reserve, evict_answers
+        self.medoids, self.batched = medoids, batched
+        self.prefix_ids, self.separator_ids = list(prefix_ids), list(separator_ids)
         self.centroids: np.ndarray | None = None
         self.labels: np.ndarray | None = None
-        self.vectors: np.ndarray | None = None  # one embedding per segment
+        self.vectors: np.ndarray | None = None  # one unit embedding per segment
         self.contexts: list[CompressedContext] = []
         self.patched_prompts: list[list[int]] = []
 
@@ -107,6 +145,13 @@ class EpisodicCache:
         with torch.no_grad():
             return np.stack([table[torch.tensor(list(ids), device=table.device)].float().mean(0).cpu().numpy()
                              for ids in batch])
+
+    def _unit_embeddings(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        vectors = np.asarray(self.embed(batch), dtype=np.float64)
+        if vectors.ndim != 2 or vectors.shape[0] != len(batch):
+            raise ValueError(f"kvpass: embed returned an array of shape {vectors.shape} for {len(batch)} token lists; "
+                             "it must return one row per list")
+        return unit_rows(vectors)
 
     def build(self, context_ids: Sequence[int], segments: Sequence[tuple[int, int]]) -> None:
         """Cluster ``segments`` (``[start, end)`` token spans of ``context_ids``) and compress one cache per episode."""
@@ -118,45 +163,88 @@ class EpisodicCache:
             if not 0 <= start < end <= len(context_ids):
                 raise ValueError(
                     f"kvpass: segment {(start, end)} is not a span of the {len(context_ids)}-token context")
-        vectors = np.asarray(self.embed([context_ids[s:e] for s, e in segments]), dtype=np.float64)
-        if vectors.ndim != 2 or vectors.shape[0] != len(segments):
-            raise ValueError(f"kvpass: embed returned an array of shape {vectors.shape} for {len(segments)} segments; "
-                             "it must return one row per segment")
+        vectors = self._unit_embeddings([context_ids[s:e] for s, e in segments])
         kmeans = KMeans(n_clusters=self.episodes, n_init=10, random_state=self.seed).fit(vectors)
-        self.centroids = kmeans.cluster_centers_
-        self.labels = kmeans.labels_  # episode of each segment
-        self.vectors = vectors
-        self.contexts, self.patched_prompts = [], []
-        for e in range(self.episodes):
-            order = np.argsort(np.linalg.norm(vectors - self.centroids[e], axis=1))
-            members = [i for i in order if kmeans.labels_[i] == e] or list(order[:1])
-            prompt: list[int] = []
-            while len(prompt) < self.patched_tokens:  # nearest first; repeat if the episode is short
-                for i in members:
-                    s, t = segments[i]
-                    prompt += list(context_ids[s:t])
-            prompt = prompt[: self.patched_tokens]
-            self.patched_prompts.append(prompt)
-            self.contexts.append(compress_context(self.forward, self.model, self.options, context_ids,
-                                                  observe=torch.tensor(prompt)))
+        self.centroids, self.labels, self.vectors = kmeans.cluster_centers_, kmeans.labels_, vectors
+        self.patched_prompts = [self._patched_prompt(context_ids, segments, e) for e in range(self.episodes)]
+        prompts = [torch.tensor(p) for p in self.patched_prompts]
+        if self.batched:
+            self.contexts = compress_episodes(self.forward, self.model, self.options, context_ids, prompts)
+        else:
+            self.contexts = [compress_context(self.forward, self.model, self.options, context_ids, observe=p)
+                             for p in prompts]
+
+    def _patched_prompt(self, context_ids: Sequence[int], segments: Sequence[tuple[int, int]], e: int) -> list[int]:
+        """The prefix, then episode ``e``'s ``medoids`` windows most similar to its centroid, in conversation order."""
+        members = np.flatnonzero(self.labels == e)
+        centroid = self.centroids[e]
+        cosine = self.vectors[members] @ centroid / max(float(np.linalg.norm(centroid)), 1e-12)
+        nearest = members[np.argsort(-cosine, kind="stable")[: self.medoids]]
+        prompt = list(self.prefix_ids)
+        for i in sorted(nearest):
+            s, t = segments[i]
+            prompt += [*context_ids[s:t], *self.separator_ids]
+        return prompt
 
     def route(self, question_ids: Sequence[int]) -> int:
-        """Index of the episode whose centroid (``route="segment"``: one of whose segments) is nearest the
-        question's embedding."""
+        """Index of the episode whose centroid (``route="segment"``: one of whose segments) has the largest dot
+        product with the question's normalized embedding."""
         if self.centroids is None:
             raise RuntimeError("kvpass: EpisodicCache.build() must run before questions are routed")
-        question = np.asarray(self.embed([question_ids]), dtype=np.float64)[0]
+        question = self._unit_embeddings([question_ids])[0]
         if self.routing == "segment":
-            return int(self.labels[np.argmin(np.linalg.norm(self.vectors - question, axis=1))])
-        return int(np.argmin(np.linalg.norm(self.centroids - question, axis=1)))
+            return int(self.labels[int(np.argmax(self.vectors @ question))])
+        return int(np.argmax(self.centroids @ question))
 
     def answer(self, question_ids: Sequence[int], max_new_tokens: int,
                stop_ids: Sequence[int] = ()) -> tuple[list[int], int]:
         """Greedy answer from the question's episode; returns ``(tokens, episode)``."""
+        needed = len(question_ids) + max_new_tokens
+        if not self.evict_answers and needed > self.reserve:
+            raise OptionError(
+                f"kvpass: EpiCache answers without evicting context, but the question ({len(question_ids)} tokens) and "
+                f"its answer (up to {max_new_tokens}) need {needed} slots past the budget and option 'reserve' is "
+                f"{self.reserve}. Compile with 'reserve' >= {needed}, or pass evict_answers=True to let them evict "
+                "context tokens (a kvpass departure)")
         episode = self.route(question_ids)
         tokens = answer(self.forward, self.model, self.contexts[episode], question_ids,
                         max_new_tokens, stop_ids)
         return tokens, episode
+
+
+@torch.inference_mode()
+def compress_episodes(forward, model: torch.nn.Module, options: dict, context_ids: Sequence[int],
+                      prompts: Sequence[torch.Tensor]) -> list[CompressedContext]:
+    """One compressed copy of ``context_ids`` per observation prompt, built as the rows of one batched block-wise
+    prefill (row ``e`` observed by ``prompts[e]``): the same caches as one :func:`compress_context` per prompt, in
+    one pass over the model's weights per block."""
+    if parse_options(options).prefill_block is None:
+        raise OptionError(f"kvpass: episodes built as one batch need block-wise prefill; set option 'prefill_block' "
+                          f"(options {options!r})")
+    device = next(model.parameters()).device
+    n = len(prompts)
+    ids = torch.tensor([list(context_ids)], device=device).expand(n, -1)
+    with observing(list(prompts)):
+        out = forward(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None].expand(n, -1),
+                      cache=new_cache(model), use_cache=True, logits_to_keep=1)
+    contexts = []
+    for e in range(n):  # each episode its own cache of one row (the rows' kvpass state goes with them)
+        cache = copy.copy(out.cache)
+        cache.layers = [copy.copy(layer) for layer in out.cache.layers]
+        cache.batch_select_indices(torch.tensor([e], device=device))
+        contexts.append(CompressedContext(cache, ids.shape[1]))
+    return contexts
+
+
+def text_segments(tokenizer, ids: Sequence[int], per_segment: int, newline: bool) -> list[tuple[int, int]]:
+    """Windows of ``per_segment`` utterances (lines, ``newline``; the reference's ``conv_window``) or sentences of
+    ``ids``, as ``[start, end)`` token spans covering them all."""
+    texts = tokenizer.batch_decode([[t] for t in ids])
+    ends = [i + 1 for i, t in enumerate(texts) if ("\n" in t if newline else t.rstrip().endswith((".", "?", "!")))]
+    bounds = [0, *ends[per_segment - 1 :: per_segment]]
+    if bounds[-1] != len(ids):
+        bounds.append(len(ids))
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 def sentence_embed(tokenizer) -> Callable[[Sequence[Sequence[int]]], np.ndarray]:

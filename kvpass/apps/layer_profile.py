@@ -4,8 +4,12 @@ per model, then split a total KV budget across layers (Kim et al., arXiv:2509.17
 A layer whose keys change little when attention is restricted to the current block (plus attention sinks
 and an overlap with the previous block) tolerates eviction; one whose keys change a lot needs more of the
 budget. Sensitivity is the cosine similarity of each layer's keys under full vs restricted attention,
-averaged over kv-heads and windows of ``window`` tokens; budgets are proportional to
-``(1 - normalized similarity) ** power`` with a floor, and always add up to ``budget x layers``.
+averaged over kv-heads and windows of ``window`` tokens. Budgets follow the reference
+(apple/ml-epicache, ``allocate_layer_budget``): weights ``(1 - normalized similarity) ** power`` (power 1.3, its
+scripts' setting for Qwen; 1.1 for Llama), each layer ``int(weight / sum · budget x layers)``, raised to a floor of
+``budget // 4``, so the total can exceed ``budget x layers`` by the floors' lift. ``allocation="exact-total"`` (a
+kvpass departure) gives every layer the floor first and shares the rest in proportion, adding up to exactly
+``budget x layers``.
 """
 
 from __future__ import annotations
@@ -62,22 +66,30 @@ def key_similarity(model: torch.nn.Module, ids: Sequence[int], block: int, sinks
     return scores
 
 
-def allocate_layer_budgets(similarity: Sequence[float], budget: int, power: float = 2.0,
-                           floor_ratio: float = 0.25) -> list[int]:
+ALLOCATIONS = ("reference", "exact-total")
+
+
+def allocate_layer_budgets(similarity: Sequence[float], budget: int, power: float = 1.3,
+                           floor_ratio: float = 0.25, allocation: str = "reference") -> list[int]:
     """Split ``budget x len(similarity)`` slots: less similar (more sensitive) layers get more.
 
-    Each layer gets at least ``floor_ratio x budget``; the result sums to exactly ``budget x layers``.
+    ``allocation="reference"``: ``int(w / sum(w) · total)`` per layer, clamped below at ``max(1, budget // 4)``
+    (``floor_ratio`` 0.25); ``"exact-total"``: the floor first, the rest in proportion (largest remainders round up),
+    summing to exactly ``budget x layers``. Equal similarities: every layer gets ``budget``.
     """
     n = len(similarity)
-    if n == 0 or budget < 1 or power < 0 or not 0 <= floor_ratio <= 1:
+    if n == 0 or budget < 1 or power < 0 or not 0 <= floor_ratio <= 1 or allocation not in ALLOCATIONS:
         raise ValueError(f"kvpass: cannot allocate budget={budget!r} over {n} layers with power={power!r}, "
-                         f"floor_ratio={floor_ratio!r} (need layers >= 1, budget >= 1, power >= 0, floor in [0, 1])")
+                         f"floor_ratio={floor_ratio!r}, allocation={allocation!r} (need layers >= 1, budget >= 1, "
+                         f"power >= 0, floor in [0, 1], allocation in {ALLOCATIONS})")
     s = torch.tensor(similarity, dtype=torch.float64)
     total = budget * n
     floor = max(1, int(budget * floor_ratio))
     if float(s.max() - s.min()) == 0:
         return [budget] * n
     weight = (1 - (s - s.min()) / (s.max() - s.min())) ** power
+    if allocation == "reference":
+        return [max(floor, int(x)) for x in (weight * total / weight.sum()).tolist()]
     # the floor first, the rest in proportion to the weights (largest remainders round up)
     share = floor + weight / weight.sum() * (total - floor * n) if weight.sum() > 0 else torch.full((n,), float(budget))
     out = share.floor().long()
@@ -86,8 +98,9 @@ def allocate_layer_budgets(similarity: Sequence[float], budget: int, power: floa
     return out.tolist()
 
 
-def layer_budgets(model: torch.nn.Module, ids: Sequence[int], budget: int, block: int, power: float = 2.0,
-                  cache_dir: str | os.PathLike | None = None, **profile: float) -> list[int]:
+def layer_budgets(model: torch.nn.Module, ids: Sequence[int], budget: int, block: int, power: float = 1.3,
+                  cache_dir: str | os.PathLike | None = None, allocation: str = "reference",
+                  **profile: float) -> list[int]:
     """Layer budgets for ``model`` from its (cached) key-similarity profile on ``ids``.
 
     The profile is computed once per (model weights, sample, settings) and stored as JSON under
@@ -106,4 +119,4 @@ def layer_budgets(model: torch.nn.Module, ids: Sequence[int], budget: int, block
         similarity = key_similarity(model, ids, block, **profile)
         root.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"block": block, "tokens": len(ids), "similarity": similarity, **profile}))
-    return allocate_layer_budgets(similarity, budget, power)
+    return allocate_layer_budgets(similarity, budget, power, allocation=allocation)

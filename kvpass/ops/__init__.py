@@ -1,14 +1,17 @@
 """``kvpass::*`` custom ops, each with its schema, fake (meta) implementation and pure-torch reference together.
 
 Importing this package registers every op: :mod:`kvpass.ops.kv` (the fixed-capacity KV store: extend, attend,
-score, compact, and their head-packed forms), :mod:`kvpass.ops.dllm` (Elastic-Cache's drift-tested attention) and
+score, compact, and their head-packed forms), :mod:`kvpass.ops.observe` (EpiCache's scores of an observation prompt
+over the context), :mod:`kvpass.ops.dllm` (Elastic-Cache's drift-tested attention) and
 :mod:`kvpass.ops.partial` (attention over one part of a split store and the exact log-sum-exp merge of the parts:
 tiered stores, KV across ranks, shared prefixes).
 """
 
-from kvpass.ops import dllm, partial
+import torch
+
+from kvpass.ops import dllm, observe, partial
+from kvpass.ops.kv import REFERENCES as _KV_REFERENCES
 from kvpass.ops.kv import (
-    REFERENCES,
     attend_reference,
     compact_reference,
     pack_positions,
@@ -18,6 +21,9 @@ from kvpass.ops.kv import (
 )
 from kvpass.ops.partial import PARTIAL_REFERENCES, attend_part_reference, merge_parts_reference, merge_two
 
+# op overload -> its pure-torch reference, for the ops the eviction passes insert (inlined by the lowerings)
+REFERENCES = {**_KV_REFERENCES, torch.ops.kvpass.context_scores.default: observe.context_scores_reference}
+
 __all__ = ["PARTIAL_REFERENCES", "REFERENCES", "attend_part_reference", "attend_reference", "compact_reference", "dllm",
-           "merge_parts_reference", "merge_two", "pack_positions", "partial", "score_reference", "slot_heads",
-           "tokens_per_head"]
+           "merge_parts_reference", "merge_two", "observe", "pack_positions", "partial", "score_reference",
+           "slot_heads", "tokens_per_head"]

@@ -13,13 +13,26 @@ per layer, for a canvas of ``N`` positions of which ``Q`` rows are run this step
   ``window_weight`` ``[W]`` float, 0 for padding slots;
 * ``excluded`` ``[N]`` bool: positions that cannot be tracked (still masked).
 
-Returns ``(out [B,H,Q,D], k_cache', v_cache', q_cache', sim [], track_score [N])``: the rows'
+Returns ``(out [B,H,Q,D], k_cache', v_cache', q_cache', sim [2], track_score [N])``: the rows'
 attention output over the updated caches (bidirectional, no mask), the caches with the rows
-written, the drift statistic ``sim`` — cosine similarity between each tracked token's attention
-row before (old query over old keys) and after (new query over updated keys), averaged over
-batch, heads and tracked tokens (1.0 when nothing is tracked) — and ``track_score``: attention
-received by each position from the window rows (summed over batch, heads and rows), ``-1`` where
-``excluded``. The op is functional (no mutation), so graphs that use it stay exportable.
+written, the drift statistics ``sim`` and ``track_score``: attention received by each position from
+the window rows (summed over batch, heads and rows), ``-1`` where ``excluded``. The op is
+functional (no mutation), so graphs that use it stay exportable.
+
+``sim`` compares each tracked token's attention probabilities before (old query over old keys,
+``A_old [B,H,T,N]``) and after (new query over updated keys, ``A_new``), in two ways, indexed by
+:data:`DRIFT_STATISTICS` (both 1.0 when nothing is tracked):
+
+* ``sim[0]``, ``"heads"`` — the reference implementation's (``LLaDABlock.attention`` in
+  VILA-Lab/Elastic-Cache ``llada/model/modeling_llada.py``: ``F.cosine_similarity(past_att_weight,
+  att_weight, dim=1).mean()``): the cosine across the **heads** axis for every (batch, tracked token,
+  key), ``torch``'s ``cosine_similarity`` arithmetic (each norm clamped below at ``1e-8``, so a key no
+  head attends to counts as cosine ~0), averaged over batch, tracked tokens and keys;
+* ``sim[1]``, ``"keys"`` — kvpass's earlier statistic (a departure): the cosine across the **keys**
+  (each head's attention row) for every (batch, head, tracked token), averaged over batch, heads and
+  tracked tokens.
+
+Padding tracked slots (``track_weight`` 0) are left out of both means.
 """
 
 from __future__ import annotations
@@ -27,6 +40,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# what ``sim[i]`` of ``kvpass::elastic_attend`` measures: the cosine across heads (the reference's) or across keys
+DRIFT_STATISTICS = ("heads", "keys")
 
 
 def _attention_rows(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -48,10 +64,14 @@ def elastic_attend_reference(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, k_ca
     # one product serves the tracked rows (after) and the window rows
     probe = _attention_rows(torch.cat([q_new.index_select(2, track), q.index_select(2, window)], dim=2), k_new, scale)
     after, win = probe[:, :, :n_track], probe[:, :, n_track:]              # [B, H, T, N], [B, H, W, N]
-    cos = F.cosine_similarity(before, after, dim=-1)                       # [B, H, T]
-    w = track_weight.to(cos.dtype)
-    denom = w.sum() * cos.shape[0] * cos.shape[1]
-    sim = torch.where(denom > 0, (cos * w).sum() / denom.clamp_min(1e-12), torch.ones_like(denom))
+    w = track_weight.to(before.dtype)
+    n_batch, n_heads, _, n_keys = before.shape
+    cos_heads = F.cosine_similarity(before, after, dim=1)                  # [B, T, N]: the reference's
+    cos_keys = F.cosine_similarity(before, after, dim=-1)                  # [B, H, T]: kvpass's earlier one
+    sims = torch.stack([(cos_heads * w[:, None]).sum() / (n_batch * n_keys),
+                        (cos_keys * w).sum() / (n_batch * n_heads)])
+    denom = w.sum()
+    sim = torch.where(denom > 0, sims / denom.clamp_min(1e-12), torch.ones_like(sims))
     # attention the window rows pay to every position picks the next tracked token
     score = (win * window_weight.to(win.dtype)[:, None]).sum(dim=(0, 1, 2))
     score = torch.where(excluded, torch.full_like(score, -1.0), score)
@@ -65,7 +85,8 @@ elastic_attend = torch.library.custom_op("kvpass::elastic_attend", mutates_args=
 @elastic_attend.register_fake
 def _(q, k, v, rows, k_cache, v_cache, q_cache, track, track_weight, window, window_weight, excluded):
     return (q.new_empty(q.shape), k_cache.new_empty(k_cache.shape), v_cache.new_empty(v_cache.shape),
-            q_cache.new_empty(q_cache.shape), q.new_empty(()), q.new_empty(k_cache.shape[2]))
+            q_cache.new_empty(q_cache.shape), q.new_empty(len(DRIFT_STATISTICS)),
+            q.new_empty(k_cache.shape[2]))
 
 
 REFERENCES = {torch.ops.kvpass.elastic_attend.default: elastic_attend_reference}

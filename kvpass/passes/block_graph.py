@@ -8,6 +8,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -41,16 +42,27 @@ class BlockLayout:
     seq_inputs: list[int]              # SymInt inputs equal to the prompt length
     token_outputs: dict[int, int]      # output index -> sequence dim
     stores: list[tuple[torch.Size, torch.dtype]]  # per layer (plan order): store shape (batch 0), dtype
+    # output index -> its expression of the prompt length (``seq``) and of int inputs: a count the model returns, such
+    # as HF's sliding layers' ``cumulative_length`` (tokens before + prompt), which the runner evaluates for the whole
+    # prompt, not the block
+    seq_outputs: dict[int, sympy.Expr] = dataclasses.field(default_factory=dict)
+    lengths: tuple[sympy.Symbol, ...] = ()  # the symbols of the prompt length (see :func:`_prompt_lengths`)
+    symbols: dict[sympy.Symbol, int] = dataclasses.field(default_factory=dict)  # their other symbols' int inputs
+    # layer -> HF's sliding window of a layer whose cache keeps only that window (``window - 1`` tokens): its store
+    # carries the window from block to block and is handed back to HF's cache in HF's layout
+    windows: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, placeholders: list[fx.Node], outputs: list[fx.Node], block: BlockInputs,
-           plans: list[LayerPlan]) -> BlockLayout:
-        seq = block.seq.node.expr
-        tokens, seq_inputs = [], []
+           plans: list[LayerPlan], windows: dict[int, int] | None = None) -> BlockLayout:
+        seq = _prompt_lengths(block.seq.node.expr, placeholders)
+        tokens, seq_inputs, symbols = [], [], {}
         for i, node in enumerate(placeholders):
             value = node_value(node)
-            if isinstance(value, torch.SymInt) and value.node.expr == seq:
+            if isinstance(value, torch.SymInt) and value.node.expr in seq:
                 seq_inputs.append(i)
+            elif isinstance(value, torch.SymInt) and value.node.expr.is_Symbol:
+                symbols[value.node.expr] = i
             elif isinstance(value, torch.Tensor):
                 dims = _seq_dims(value, seq)
                 if dims:
@@ -62,18 +74,28 @@ class BlockLayout:
                 "no position_ids (the model would restart RoPE positions at 0 in every block). Pass position_ids= "
                 "(generate() does)."
             )
-        token_outputs = {}
+        token_outputs, seq_outputs = {}, {}
         for i, node in enumerate(outputs):
             value = node_value(node) if isinstance(node, fx.Node) else None
             if isinstance(value, torch.Tensor):
                 dims = _seq_dims(value, seq)
                 if dims:
                     token_outputs[i] = dims[0]
+            elif isinstance(value, torch.SymInt) and seq & value.node.expr.free_symbols:
+                unknown = value.node.expr.free_symbols - {*seq, *symbols}
+                if unknown:
+                    raise UnsupportedGraph(
+                        f"kvpass: block-wise prefill: output {i} of the prefill graph is a count "
+                        f"({value.node.expr}) of the prompt length and of sizes {sorted(map(str, unknown))} that are "
+                        "no int input, which the block runner cannot evaluate for the whole prompt")
+                seq_outputs[i] = value.node.expr
         stores = []
         for plan in plans:
             k = node_value(block.past[plan.layer][0])
             stores.append((k.shape, k.dtype))
-        return cls(tokens, seq_inputs, token_outputs, stores)
+        used = {sym for expr in seq_outputs.values() for sym in expr.free_symbols}
+        symbols = {sym: i for sym, i in symbols.items() if sym in used}
+        return cls(tokens, seq_inputs, token_outputs, stores, seq_outputs, tuple(seq), symbols, dict(windows or {}))
 
 
 @dataclasses.dataclass
@@ -92,14 +114,6 @@ def rewrite_blocks(graph: fx.Graph, sites: list[AttentionSite], options: KVPassO
     with the capacities :class:`InsertKVEviction` gives each layer, then ``InsertKVEviction`` with the block
     inputs. Its inputs: the graph's own, the stores ``k_0, v_0, ...``, ``valid``, ``observe``, then the store
     metadata ``pos_0, acc_0, seen_0, ...``. Shared by the backend's block-wise prefill and ``kvpass export``."""
-    sliding = [site.layer for site in sites if site.window and not site.masked_window]
-    if sliding:
-        raise UnsupportedGraph(
-            f"kvpass: option 'prefill_block'={options.prefill_block} does not support sliding-window layers (layers "
-            f"{sliding}, window {sites[sliding[0]].window}): HF keeps those layers' window itself and sizes their "
-            "masks from its own token counter, which the block graph's stores cannot follow. Leave 'prefill_block' "
-            "unset for this model (its sliding layers are bounded by their window already)"
-        )
     latent = [site.layer for site in sites if site.attn_keys is not None]
     if latent:
         raise UnsupportedGraph(
@@ -112,14 +126,29 @@ def rewrite_blocks(graph: fx.Graph, sites: list[AttentionSite], options: KVPassO
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     n_outputs = len(graph.output_node().args[0])
     rewrite = InsertKVEviction(options)
-    to_blocks = BlockwisePrefill({site.layer: rewrite.budget(site, len(sites), seq, False)[1] for site in sites})
+    to_blocks = BlockwisePrefill({site.layer: rewrite.block_budget(site, len(sites), seq)[1] for site in sites})
+    # sliding layers whose cache keeps HF's window (Gemma-3's local layers, Mistral's): carried, not evicted
+    windows = {site.layer: site.window for site in sites if site.window and not site.masked_window}
     block = to_blocks(graph, sites)
     plans = rewrite(graph, sites, block)
-    layout = BlockLayout.of(placeholders, list(graph.output_node().args[0][:n_outputs]), block, plans)
+    layout = BlockLayout.of(placeholders, list(graph.output_node().args[0][:n_outputs]), block, plans, windows)
     return BlockRewrite(block, plans, layout, n_outputs, {**rewrite.counters, **to_blocks.counters})
 
 
 
-def _seq_dims(value: torch.Tensor, seq) -> list[int]:
-    """Dimensions of ``value`` whose size is the prompt-length symbol ``seq``."""
-    return [d for d, size in enumerate(value.shape) if isinstance(size, torch.SymInt) and size.node.expr == seq]
+def _prompt_lengths(seq: sympy.Symbol, placeholders: list[fx.Node]) -> set[sympy.Symbol]:
+    """The symbols that stand for the prompt length: ``seq`` (the queries'), and the length of a 2-D
+    ``attention_mask`` input. A first forward's mask spans exactly the prompt, but once Dynamo has seen the mask longer
+    than the tokens (``generate()``'s decode steps run through the same frame) it traces it with a symbol of its own."""
+    lengths = {seq}
+    for node in placeholders:
+        value = node_value(node)
+        if "attention_mask" in node.name and isinstance(value, torch.Tensor) and value.dim() == 2 \
+                and isinstance(value.shape[1], torch.SymInt) and value.shape[1].node.expr.is_Symbol:
+            lengths.add(value.shape[1].node.expr)
+    return lengths
+
+
+def _seq_dims(value: torch.Tensor, seq: set[sympy.Symbol]) -> list[int]:
+    """Dimensions of ``value`` whose size is one of the prompt-length symbols ``seq``."""
+    return [d for d, size in enumerate(value.shape) if isinstance(size, torch.SymInt) and size.node.expr in seq]

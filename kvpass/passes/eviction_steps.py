@@ -13,9 +13,11 @@ which *variant* each step takes, chosen once in a :class:`SitePlan`:
 (d) extend            the metadata of every candidate: ``kvpass::extend_meta`` or ``extend_packed_meta``
 (e) attend            ``kvpass::attend``, ``attend_packed`` over a packed store, or ``attend`` over the keys and
                       values a model projects from its latent cache; a soft cap and sinks passed on as they are
-(f) observe           a block's observation-only tokens made dead for scoring and compaction
+(f) observe           a block's observation-only tokens made dead for scoring and compaction; for EpiCache's
+                      context scores, ``kvpass::context_scores`` of the observation queries over the rest
 (g) score             ``kvpass::score`` with the options' policy
-(h) compact           ``kvpass::compact`` or ``compact_packed`` down to the budget
+(h) compact           ``kvpass::compact`` or ``compact_packed`` down to the budget (a forward continuing a store:
+                      the budget plus the ``reserve``)
 (i) store out         the compacted store replaces the cache write among the graph's outputs, or is copied
                       into the StaticCache's buffers in place
 ====================  ==================================================================================
@@ -37,8 +39,11 @@ import kvpass.ops  # noqa: F401  (registers the kvpass::* ops used below)
 from kvpass.analysis import AttentionSite, UnsupportedGraph, node_value
 from kvpass.config import KVPassOptions
 from kvpass.passes.blockwise_prefill import BlockInputs
+from kvpass.policies import StreamingLLM, policy_from_spec
 
 ALL = slice(None)  # (in index tuples)
+# the policy of a sliding layer's window carried through a block graph: the newest tokens, nothing else
+RECENCY = StreamingLLM(sinks=0).spec()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,7 @@ class SitePlan:
     site: AttentionSite
     budget: int                      # real tokens kept
     capacity: int                    # slots of the store
+    keep: int                        # real tokens the compaction keeps: the budget, or (continuing a store) capacity
     n_new: int | torch.SymInt        # tokens this forward appends (the query length)
     policy: str                      # the policy's spec, as the ops take it
     head_floor: float
@@ -66,14 +72,20 @@ class SitePlan:
     attention: Literal["attend", "attend_packed", "latent"]             # (e)
     fold_heads: bool                 # (e) the site's output has heads folded into its batch for bmm (XGLM)
     observe: bool                    # (f) a block graph: its observation-only tokens are masked out
+    block: int                       # (f) a block graph's block length (its observation tokens follow), else 0
+    context_scores: bool             # (f) the policy scores from the observation queries' softmax over the context
     compaction: Literal["compact", "compact_packed"]                    # (h)
     store_out: Literal["outputs", "buffers"]                            # (i)
+    # a block graph's sliding layer whose cache keeps HF's window: its store carries that window from block to block,
+    # kept by recency (``policy`` is StreamingLLM without sinks), never scored by the options' policy nor packed
+    recency: bool = False
 
     @classmethod
     def of(cls, site: AttentionSite, options: KVPassOptions, budget: int, capacity: int, block: BlockInputs | None,
            placeholders: list[fx.Node]) -> SitePlan:
         """Choose every step's variant for ``site``; refuse the combinations kvpass does not support."""
-        packed = options.head_budgets == "adaptive"
+        recency = block is not None and bool(site.window) and not site.masked_window
+        packed = options.head_budgets == "adaptive" and not recency
         if packed and site.attn_keys is not None:
             raise ValueError(
                 f"kvpass: head_budgets 'adaptive' shares a layer's slots among its kv heads, but layer {site.layer} "
@@ -112,11 +124,16 @@ class SitePlan:
             attention = "latent"
         else:  # (a prefill's candidates are its own tokens: row r is head r, packed or not)
             attention = "attend_packed" if packed and has_store else "attend"
-        return cls(site, budget, capacity, n_new, options.policy.spec(), options.head_floor,
+        continues = has_store and not static and block is None  # a decode step, a question: fills the reserve
+        context_scores = block is not None and getattr(options.policy, "scores", None) == "context" and not recency
+        policy = RECENCY if recency else options.policy.spec()
+        return cls(site, budget, capacity, capacity if continues else budget, n_new, policy,
+                   options.head_floor,
                    candidates=candidates, state=state, validity=validity, positions=positions,
                    extend="extend_packed_meta" if packed else "extend_meta", attention=attention,
                    fold_heads=node_value(site.attn).dim() == 3, observe=block is not None,
-                   compaction="compact_packed" if packed else "compact", store_out=store_out)
+                   block=options.prefill_block if block is not None else 0, context_scores=context_scores,
+                   compaction="compact_packed" if packed else "compact", store_out=store_out, recency=recency)
 
 
 @dataclasses.dataclass
@@ -160,6 +177,7 @@ def rewrite_site(graph: fx.Graph, plan: SitePlan, block: BlockInputs | None) -> 
         meta = steps.extend(pos, acc, seen, new_valid)
         out, obs = steps.attend(keys, values, meta)
         meta = steps.observe(meta)
+        obs = steps.context_scores(keys, meta, obs)
         keep, acc_new = steps.score(obs, keys, meta)
         store = steps.compact(keys, values, meta, keep, acc_new)
         steps.store_out(store)
@@ -270,6 +288,19 @@ class _Steps:
         seen = g(operator.sub, (meta.seen, g(torch.sum, (observe,), {"dim": 1})))
         return Meta(pos, meta.head, meta.acc, seen)
 
+    def context_scores(self, keys: fx.Node, meta: Meta, obs: fx.Node) -> fx.Node:
+        """(f) EpiCache's scores: the observation queries' softmax over the context slots only (``meta`` after the
+        observation tokens were made dead), in place of the weights the attention op observed."""
+        if not self.plan.context_scores:
+            return obs
+        g, site = self.g, self.site
+        q_obs = g(operator.getitem, (site.q, (ALL, ALL, slice(self.plan.block, None))))
+        rows = g(operator.getitem, (self.block.observe, (ALL, slice(self.plan.block, None))))
+        context = g(operator.ge, (meta.pos, 0))
+        reduce = policy_from_spec(self.plan.policy).obs_reduce
+        return g(torch.ops.kvpass.context_scores.default,
+                 (q_obs, keys, context, rows, site.scale, reduce, meta.head, site.softcap))
+
     def score(self, obs: fx.Node, keys: fx.Node, meta: Meta) -> tuple[fx.Node, fx.Node]:
         """(g) (keep scores, the policy's new statistic) of every candidate."""
         plan, g = self.plan, self.g
@@ -283,11 +314,11 @@ class _Steps:
         plan, g = self.plan, self.g
         match plan.compaction:
             case "compact":
-                compacted = g(torch.ops.kvpass.compact.default, (keys, values, meta.pos, keep, acc, plan.budget,
+                compacted = g(torch.ops.kvpass.compact.default, (keys, values, meta.pos, keep, acc, plan.keep,
                                                                  plan.capacity, self.site.window))
             case "compact_packed":
                 compacted = g(torch.ops.kvpass.compact_packed.default,
-                              (keys, values, meta.pos, meta.head, keep, acc, plan.budget, plan.capacity,
+                              (keys, values, meta.pos, meta.head, keep, acc, plan.keep, plan.capacity,
                                plan.head_floor))
         return Store(*(g(operator.getitem, (compacted, i)) for i in range(4)))
 

@@ -38,7 +38,10 @@ class InsertKVEviction:
     masks from its own token counter, which a store compressed below the window could not match. A warning
     says so where that window exceeds the layer's budget. A window that only the attention's mask applies (GPT-Neo's
     local layers, whose cache keeps every token) is kvpass's to apply: ``kvpass::attend`` masks it and
-    ``kvpass::compact`` drops the tokens it hides.
+    ``kvpass::compact`` drops the tokens it hides. In a block graph (``block`` given) a sliding site whose cache keeps
+    HF's window gets a store of ``window - 1`` slots instead, carried from block to block by recency (StreamingLLM
+    without sinks, never the options' policy), attended with the window, counted as ``sliding_sites_carried``; the
+    block runner hands it back to HF's cache in HF's layout (:mod:`kvpass.runtime.blockwise`).
 
     Ensures: every other site's attention output comes from ``kvpass::attend`` (masking padding and empty
     slots itself, RoPE untouched since keys are cached after rotation, a logit soft cap and learned attention
@@ -92,7 +95,7 @@ class InsertKVEviction:
         output = graph.output_node()
         plans, above_budget = [], []
         for site in sites:
-            if site.window and not site.masked_window:  # (block graphs never get here: rewrite_blocks refuses them)
+            if site.window and not site.masked_window and block is None:  # (a block graph carries it: _rewrite)
                 self._keep_window(graph, site)
                 budget = self.budget(site, len(sites), node_value(site.q).shape[2], site.past_keys is not None)[0]
                 if site.window - 1 > budget:
@@ -141,7 +144,10 @@ class InsertKVEviction:
         """One site: its budget, the plan of its steps (:mod:`kvpass.passes.eviction_steps`), the steps, the count."""
         n_new = node_value(site.q).shape[2]
         has_store = site.past_keys is not None
-        budget, capacity = self.budget(site, n_layers, n_new, has_store and block is None)
+        if block is not None:
+            budget, capacity = self.block_budget(site, n_layers, n_new)
+        else:
+            budget, capacity = self.budget(site, n_layers, n_new, has_store)
         plan = SitePlan.of(site, self.options, budget, capacity, block, placeholders)
         done = rewrite_site(graph, plan, block)
         self._count(plan)
@@ -154,11 +160,19 @@ class InsertKVEviction:
         """Count one rewritten site: its extras, then its forward, its attention and its cache."""
         site = plan.site
         extras = {"sink_sites": site.sinks is not None, "latent_sites": plan.attention == "latent",
-                  "head_adaptive_sites": plan.compaction == "compact_packed"}
+                  "head_adaptive_sites": plan.compaction == "compact_packed", "sliding_sites_carried": plan.recency}
         forward = "block_sites" if plan.observe else "decode_sites" if site.past_keys is not None else "prefill_sites"
         static = ["static_cache_sites"] if site.static_writes else []
         for name in [*(name for name, on in extras.items() if on), forward, f"{site.kind}_sites", *static]:
             self.counters[name] += 1
+
+    def block_budget(self, site: AttentionSite, n_layers: int, seq) -> tuple[int, int]:
+        """(tokens kept, store slots) of ``site``'s store in a block graph of ``seq`` tokens: a sliding layer whose
+        cache keeps HF's window carries its last ``window - 1`` tokens (all that the next block's queries can see, and
+        what HF's cache holds after the prompt), every other layer its budget."""
+        if site.window and not site.masked_window:
+            return site.window - 1, site.window - 1
+        return self.budget(site, n_layers, seq, False)
 
     def budget(self, site: AttentionSite, n_layers: int, n_new, is_decode: bool) -> tuple[int, int]:
         """(tokens kept, store slots) of ``site``'s layer."""
@@ -181,13 +195,19 @@ class InsertKVEviction:
         # cache for every layer, so all stores need the same capacity; without one (or with kvpass.CompressedCache's
         # one-column mask over stores of different lengths) each layer's store holds exactly its budget.
         spans_keys = site.mask is not None and node_value(site.mask).shape[-1] != 1
-        capacity = max(budgets) if spans_keys else budget
+        # forwards that continue a store fill the reserve before they evict (EpiCache's answers evict nothing)
+        capacity = (max(budgets) if spans_keys else budget) + opts.reserve
         return budget, capacity
 
     def _static_budget(self, site: AttentionSite, n_layers: int) -> tuple[int, int]:
         """A StaticCache's buffers are the store: every layer's capacity is their length, the largest budget."""
         opts = self.options
         slots = node_value(site.keys).shape[2]
+        if opts.reserve:
+            raise UnsupportedGraph(
+                f"kvpass: option 'reserve'={opts.reserve} adds slots to a DynamicCache store; a StaticCache's {slots} "
+                "buffer slots are its store. Size the StaticCache to budget + reserve and give that as 'budget', or "
+                "use a DynamicCache")
         if opts.ratio is not None:
             raise UnsupportedGraph(
                 f"kvpass: option 'ratio'={opts.ratio} cannot size a StaticCache, whose buffers hold a fixed {slots} "

@@ -13,6 +13,9 @@ from torch.fx.passes.split_module import split_module
 
 import kvpass.ops.dllm  # noqa: F401  (registers kvpass::elastic_attend)
 from kvpass.analysis import SDPA_TARGETS, UnsupportedGraph
+from kvpass.ops.dllm import DRIFT_STATISTICS
+
+__all__ = ["DRIFT_STATISTICS", "STATE_INPUTS", "STATE_OUTPUTS", "ElasticProgram", "RefreshDLLMKV"]
 
 # the Elastic-Cache state every rewritten layer graph takes after its own inputs, in this order
 STATE_INPUTS = ("rows", "k_cache", "v_cache", "q_cache", "x_cache", "track", "track_weight", "window",
@@ -64,7 +67,9 @@ class RefreshDLLMKV:
     layer and an epilogue (everything after the last layer); in every layer graph the attention
     site is replaced by ``kvpass::elastic_attend`` over per-layer caches that the graph takes as
     extra trailing inputs (``STATE_INPUTS``) and returns, updated, after the hidden output
-    (``STATE_OUTPUTS``), together with the drift statistic and the tracking scores; the layer's
+    (``STATE_OUTPUTS``), together with the drift statistics (``sim [2]``, indexed by
+    ``DRIFT_STATISTICS``: the reference's cosine across heads, kvpass's earlier cosine across keys)
+    and the tracking scores; the layer's
     hidden input rows are written into ``x_cache`` (the cached layer input of every position).
     All other computation is untouched, so running a layer graph on all canvas rows with fresh
     caches equals the original layer. ``counters``: ``attention_sites``, ``layer_graphs``.
@@ -74,7 +79,7 @@ class RefreshDLLMKV:
         self.counters: collections.Counter[str] = collections.Counter()
 
     def uuid(self) -> str:
-        return f"{type(self).__name__}:v1:" + ",".join(STATE_INPUTS) + "->" + ",".join(STATE_OUTPUTS)
+        return f"{type(self).__name__}:v2:" + ",".join(STATE_INPUTS) + "->" + ",".join(STATE_OUTPUTS)
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule) -> ElasticProgram:

@@ -34,7 +34,7 @@ def make_policy(name: str, **params: Any) -> Policy:
                 f"kvpass: policy {name!r} takes no option {key!r} (got {value!r}); "
                 f"its options are {sorted(fields) or 'none'}"
             )
-        if key == "pooling":
+        if key in ("pooling", "scores"):  # string options: the policy validates them
             continue
         if key == "accumulate":
             if not isinstance(value, bool):

@@ -42,8 +42,12 @@ class Policy:
         """
         return 0
 
-    def layer_budget(self, total: int, layer: int, n_layers: int) -> int:
-        """Budget of ``layer`` when the user asked for ``total`` per layer on average."""
+    def layer_budget(self, total: int, layer: int, n_layers: int, prompt_len: int | None = None) -> int:
+        """Budget of ``layer`` when the user asked for ``total`` per layer on average.
+
+        ``prompt_len``: the prompt's length where the budget is a share of it (option ``ratio``); None where the
+        budget is fixed before any prompt is seen (option ``budget``: one store size for every prompt length).
+        """
         return total
 
     def score(
@@ -82,6 +86,15 @@ def recent_mask(pos: Tensor, n_recent: int) -> Tensor:
     """True for slots among the ``n_recent`` most recent logical positions of each (batch, kv-head)."""
     newest = pos.amax(dim=-1, keepdim=True)
     return (pos > newest - n_recent) & (pos >= 0)
+
+
+def protect_recent(keep: Tensor, pos: Tensor, n_recent: int, budget: int) -> Tensor:
+    """Protect the newest ``min(n_recent, budget)`` positions: never more slots than the store keeps.
+
+    A window wider than the layer's budget would otherwise mark more slots ``+inf`` than fit, and the compaction
+    (lowest slot first among ties) would keep the *oldest* of them, dropping the prompt's final tokens.
+    """
+    return protect(keep, recent_mask(pos, min(n_recent, budget)))
 
 
 def protect(keep: Tensor, mask: Tensor) -> Tensor:

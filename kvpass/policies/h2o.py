@@ -4,7 +4,8 @@ Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of La
 NeurIPS 2023 (arXiv:2306.14048). Each slot accumulates the attention it receives from every query
 (summed over queries, averaged over the GQA group); the ``recent`` newest tokens are always kept and
 the rest of the budget goes to the slots with the largest accumulated attention. ``recent=None`` splits
-the budget evenly between heavy hitters and recent tokens, as in the paper.
+the budget evenly between heavy hitters and recent tokens, as in the paper. A ``recent`` above the budget
+protects the newest ``budget`` tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 
 from torch import Tensor
 
-from kvpass.policies.base import Policy, group_mean, protect, recent_mask
+from kvpass.policies.base import Policy, group_mean, protect_recent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,4 +28,4 @@ class H2O(Policy):
     def score(self, obs: Tensor, keys: Tensor, pos: Tensor, acc: Tensor, n_new: int, budget: int):
         acc = acc + group_mean(obs, keys.shape[1])
         n_recent = budget // 2 if self.recent is None else self.recent
-        return protect(acc, recent_mask(pos, n_recent)), acc
+        return protect_recent(acc, pos, n_recent, budget), acc

@@ -3,10 +3,23 @@
 Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024
 (arXiv:2404.14469). At prefill, the last ``window`` queries' softmax weights are averaged over the
 window, pooled along the key axis (``kernel_size``, average or max), averaged over each GQA group, and
-the window itself is always kept — the same rule as kvpress's ``SnapKVPress`` so kept sets can be
-compared. The paper compresses only the prompt; kvpass's store has a fixed capacity, so during decode
-each slot's score is refreshed with the max of its old score and the attention the new query pays it,
-and the newest ``window`` tokens stay protected.
+the window itself is always kept — the same rule as kvpress's ``SnapKVPress`` (NVIDIA/kvpress,
+``kvpress/presses/snapkv_press.py``) so kept sets can be compared. A layer whose budget is below the window
+keeps the window's newest ``budget`` tokens (kvpress's PyramidKV falls back to uniform budgets before that
+can happen; :func:`~kvpass.policies.base.protect_recent`).
+
+Block-wise prefill (option ``prefill_block``) follows kvpress's ``BlockPress`` (``block_press.py``) around
+``SnapKVPress``: each block of more than ``window`` tokens rescores every candidate — the kept store and the
+block — with the prompt rule above, the window being the block's last ``window`` tokens, pooled along the
+candidates in slot order (the store is kept in position order; with ``head_budgets="adaptive"`` its packed
+slots are not, and the pooling then mixes neighbouring slots of other heads). Two differences forced by
+kvpass's design: a kept token's own query is gone, so a block of at most ``window`` tokens is scored like a
+decode step (below); and BlockPress leaves the first ``budget`` prompt tokens unscored, kvpass scores them
+with the first block that overflows the store.
+
+The paper compresses only the prompt; kvpass's store has a fixed capacity, so during decode (a forward of
+at most ``window`` tokens over a store) each slot's score is refreshed with the max of its old score and
+the attention the new queries pay it, and the newest ``window`` tokens stay protected.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvpass.errors import OptionError
-from kvpass.policies.base import Policy, check_window_and_kernel, group_mean, protect, recent_mask
+from kvpass.policies.base import Policy, check_window_and_kernel, group_mean, protect_recent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +68,12 @@ class SnapKV(Policy):
         n_window = self.n_obs(n_new)
         if n == n_new:  # prefill: the store was empty, every candidate is a prompt token
             acc = self.pooled_prompt_scores(obs, n_kv, n_window)
-        else:
+        elif isinstance(n_new, int) and n_new > self.window:  # a block over the store (kvpress's BlockPress)
+            acc = self.pooled_prompt_scores(obs, n_kv, n_window)
+        elif isinstance(n_new, int):  # a decode step
             acc = torch.maximum(acc, group_mean(obs, n_kv) / n_window)
-        return protect(acc, recent_mask(pos, self.window)), acc
+        else:  # a forward of dynamic length over a store: the same choice, made on tensors (no shape guard)
+            block = torch.full((), n_new, device=obs.device) > self.window
+            acc = torch.where(block, self.pooled_prompt_scores(obs, n_kv, n_window),
+                              torch.maximum(acc, group_mean(obs, n_kv) / n_window))
+        return protect_recent(acc, pos, self.window, budget), acc

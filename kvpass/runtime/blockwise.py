@@ -4,6 +4,13 @@ The prompt is split into blocks of ``prefill_block`` tokens; the *first* block i
 block is full (one compiled graph, no recompiles) and the last block ends on the prompt's last token
 (so ``logits_to_keep=1`` still returns its logits). After each block every layer's store is back at its
 budget, so the KV held never exceeds budget + one block, however long the prompt is.
+
+A sliding-window layer whose cache keeps HF's window (Gemma-3's local layers, Mistral's) carries that window instead:
+a store of ``window - 1`` slots kept by recency, so its KV never exceeds ``window - 1`` + one block; after the last
+block the runner hands it back to HF's cache in HF's own layout (its last ``min(t, window - 1)`` tokens, oldest
+first), and counts the model returns of the prompt length (HF's ``cumulative_length``) are those of the whole
+prompt, so decoding continues exactly as after HF's own prefill. The KV bound of a prefill is then the sum over
+layers of (store slots + one block), a sliding layer's store holding ``window - 1`` slots.
 """
 
 from __future__ import annotations
@@ -15,26 +22,39 @@ from collections.abc import Callable, Iterator
 import torch
 
 from kvpass.errors import OptionError
+from kvpass.ops.kv import gather_slots
 from kvpass.passes import LayerPlan
 from kvpass.passes.block_graph import BlockLayout, TokenInput, split_prompt
+from kvpass.policies import policy_from_spec
 from kvpass.runtime.state import GraphRecord, attach_states
 
 # Token ids appended to every block of the prefills run in this context as observation-only queries (EpiCache's
-# patched prompt), "repeat" for a copy of the block itself (KVzip-style), or None: a parameter of the calls made in
-# a ``with observing(...)`` block (per thread and task), never state of a compiled model
-_OBSERVATION: contextvars.ContextVar[torch.Tensor | str | None] = contextvars.ContextVar("kvpass_observation",
-                                                                                        default=None)
+# patched prompt; a list: one prompt per batch row), "repeat" for a copy of the block itself (KVzip-style), or None:
+# a parameter of the calls made in a ``with observing(...)`` block (per thread and task), never state of a compiled
+# model
+Observation = torch.Tensor | list[torch.Tensor] | str | None
+_OBSERVATION: contextvars.ContextVar[Observation] = contextvars.ContextVar("kvpass_observation", default=None)
 
 
 @contextlib.contextmanager
-def observing(observe: torch.Tensor | str | None) -> Iterator[None]:
+def observing(observe: Observation) -> Iterator[None]:
     """Block-wise prefills run inside this block append ``observe`` to every block as observation-only queries: they
-    attend and are scored from like ordinary tokens but are never stored. ``observe``: token ids, ``"repeat"`` (each
-    block observed by a copy of itself, KVzip-style), or None (the policy's own rule)."""
+    attend and are scored from like ordinary tokens but are never stored. ``observe``: token ids (one prompt for every
+    batch row), a list of 1-D token-id tensors (one prompt per batch row, any lengths: EpiCache's episodes built as
+    the rows of one batch), ``"repeat"`` (each block observed by a copy of itself, KVzip-style), or None (the
+    policy's own rule)."""
     if isinstance(observe, str) and observe != "repeat":
         raise OptionError(f"kvpass: observe must be token ids, 'repeat' or None, got {observe!r}")
-    if observe is not None and not isinstance(observe, str | torch.Tensor):
-        raise OptionError(f"kvpass: observe must be token ids (a tensor), 'repeat' or None, got {observe!r}")
+    if isinstance(observe, list | tuple):
+        bad = [i for i, ids in enumerate(observe) if not isinstance(ids, torch.Tensor) or ids.dim() != 1
+               or ids.numel() == 0]
+        if not observe or bad:
+            raise OptionError(f"kvpass: observe as a list needs one non-empty 1-D token-id tensor per batch row; "
+                              f"entries {bad} of {len(observe)} are not")
+        observe = list(observe)
+    elif observe is not None and not isinstance(observe, str | torch.Tensor):
+        raise OptionError(f"kvpass: observe must be token ids (a tensor, or a list of one per row), 'repeat' or None, "
+                          f"got {observe!r}")
     token = _OBSERVATION.set(observe)
     try:
         yield
@@ -66,7 +86,20 @@ class BlockwiseRunner:
         n_blocks, pad = split_prompt(t, block)
         observe_ids = _OBSERVATION.get()
         repeat = isinstance(observe_ids, str)  # "repeat": each block observed by a copy of itself (KVzip-style)
+        lengths = None  # per-row prompt lengths (a list of prompts: shorter ones padded at the end, dead tokens)
+        if isinstance(observe_ids, list):
+            if len(observe_ids) != b:
+                raise ValueError(f"kvpass: {len(observe_ids)} observation prompts for a batch of {b} rows; give one "
+                                 "per row (or one tensor for all)")
+            lengths = torch.tensor([len(ids) for ids in observe_ids], device=device)
+            observe_ids = torch.nn.utils.rnn.pad_sequence([ids.to(device) for ids in observe_ids], batch_first=True)
         n_obs = 0 if observe_ids is None else block if repeat else observe_ids.shape[-1]
+        if not n_obs and getattr(policy_from_spec(self.record.policy), "needs_observation_prompt", False):
+            raise OptionError(
+                f"kvpass: policy {self.record.policy} scores each block by an observation prompt's attention over "
+                "the context (EpiCache's rule), but this prefill has none: run it inside `with kvpass.observing(ids)` "
+                "(EpisodicCache does), observe='repeat' for each block observed by a copy of itself, or set option "
+                "'scores' to 'forward' to score by the block's own last queries")
         if n_obs and any(tok.role == "other" for tok in layout.tokens):
             names = [tok.index for tok in layout.tokens if tok.role == "other"]
             raise ValueError(f"kvpass: an observation prompt needs token inputs kvpass knows; inputs {names} are not")
@@ -76,7 +109,7 @@ class BlockwiseRunner:
         valid = torch.ones(b, t, dtype=torch.bool, device=device) if mask is None else mask != 0
         valid = _pad_front(valid, 1, pad)
         observe = torch.zeros(b, block + n_obs, dtype=torch.bool, device=device)
-        observe[:, block:] = True
+        observe[:, block:] = True if lengths is None else torch.arange(n_obs, device=device) < lengths[:, None]
 
         stores, state = [], []
         for shape, dtype in layout.stores:
@@ -120,9 +153,31 @@ class BlockwiseRunner:
                 if j not in layout.token_outputs and j not in stores_out and isinstance(x, torch.Tensor) \
                         and x.is_floating_point():
                     outs[j] = torch.full_like(x, float("nan"))
+        values = {**{sym: args[i] for sym, i in layout.symbols.items()}, **dict.fromkeys(layout.lengths, t)}
+        for j, expr in layout.seq_outputs.items():  # counts of the whole prompt (HF's sliding layers'), not a block's
+            outs[j] = int(expr.xreplace(values))
+        self._windows_to_hf(outs, t)
+        # state for kvpass's stores; a sliding layer's window is HF's again (its decode steps are HF's)
+        evicted = [i for i, plan in enumerate(self.plans) if plan.layer not in layout.windows]
+        state = [x for i in evicted for x in outs[self.n_outputs + 3 * i : self.n_outputs + 3 * i + 3]]
         stores = {layer: outs[k] for layer, (k, _) in self.store_outputs.items()}
-        attach_states(self.plans, outs, self.n_outputs, stores, self.record, self.packed)
+        attach_states([self.plans[i] for i in evicted], [*outs[: self.n_outputs], *state], self.n_outputs, stores,
+                      self.record, self.packed)
         return outs[: self.n_outputs]
+
+    def _windows_to_hf(self, outs: list, t: int) -> None:
+        """Hand each sliding layer's store (its last ``window - 1`` real tokens, slots in any order) back in the layout
+        HF's sliding cache layer has after a ``t``-token prompt: its last ``min(t, window - 1)`` slots, oldest first,
+        slots without a real token (left padding) in front, as HF's own left padding is."""
+        extra = outs[self.n_outputs :]
+        for i, plan in enumerate(self.plans):
+            window = self.layout.windows.get(plan.layer)
+            if window is None:
+                continue
+            pos = extra[3 * i]  # -1: no token; a stable sort puts those first, then the tokens by position
+            order = pos.sort(dim=-1, stable=True).indices[..., pos.shape[-1] - min(t, window - 1) :]
+            for j in self.store_outputs[plan.layer]:
+                outs[j] = gather_slots(outs[j], order)
 
 
     def _call(self, inputs: list) -> list:
@@ -167,8 +222,8 @@ def _pad_front(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
 def _observation_part(tok: TokenInput, x: torch.Tensor, observe_ids: torch.Tensor, b: int) -> torch.Tensor:
     """The observation prompt's entries of token input ``tok`` (its ids, positions after the block, mask 1)."""
     n = observe_ids.shape[-1]
-    if tok.role == "input_ids":
-        return observe_ids.to(x.device).reshape(-1, n).expand(b, n)
+    if tok.role == "input_ids":  # one prompt for every row, or one per row
+        return observe_ids.to(x.device).reshape(-1, n).expand(b, n).contiguous()
     if tok.role == "position_ids":
         last = x.narrow(tok.dim, x.shape[tok.dim] - 1, 1)
         return last + torch.arange(1, n + 1, device=x.device)
