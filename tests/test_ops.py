@@ -193,7 +193,8 @@ def test_packed_positions_round_trip_and_extend_gives_new_tokens_their_row_head(
 
 
 @pytest.mark.parametrize("policy, softcap, sinks", [(SnapKV(window=2), 0.0, None), (H2O(), 0.0, None),
-                                                    (EpiCache(window=2), 0.0, None), (H2O(), 0.2, None),
+                                                    (EpiCache(window=2, scores="forward"), 0.0, None),
+                                                    (H2O(), 0.2, None),
                                                     (H2O(), 0.0, torch.tensor([0.5, -1.0, 2.0, 0.0]))])
 def test_attend_packed_is_each_heads_attention_over_its_own_slots(policy, softcap, sinks):
     pos, head, _, _ = _packed_candidates()

@@ -121,11 +121,12 @@ def test_snapkv_keeps_window_plus_top_pooled_prefix(qk, pooling):
 
 
 def test_epicache_keeps_what_any_observation_query_of_the_group_attends_to_most(qk):
-    # EpiCache's score: the max softmax weight over the patched prompt's queries (the last `window`) and
-    # over each GQA group; everything (the prompt itself included) is ranked by it, nothing protected
+    # EpiCache's score with the attention op's weights (scores="forward"): the max softmax weight over the last
+    # `window` queries and over each GQA group; everything (those queries' own tokens included) is ranked by it, nothing
+    # protected. (Its default, context scores, comes from kvpass::context_scores: tests/test_ops_observe.py.)
     q, k = qk
     window, budget = 6, 14
-    kept, _ = kept_by_kvpass(EpiCache(window=window), q, k, budget)
+    kept, _ = kept_by_kvpass(EpiCache(window=window, scores="forward"), q, k, budget)
     weights = causal_weights_np(q, k)[:, -window:]  # [H_q, window, T]
     scores = weights.max(axis=1).reshape(HKV, HQ // HKV, -1).max(axis=1)
     for h in range(HKV):
