@@ -228,3 +228,18 @@ def test_a_question_fills_the_reserve_and_evicts_nothing(head_budgets):
     out = forward(input_ids=torch.tensor([[3, 4]]), position_ids=torch.arange(75, 77)[None], cache=out.cache,
                   use_cache=True)
     assert all(len(real_positions(layer.keys)) == 38 * n_kv for layer in out.cache.layers)  # past the reserve: evicts
+
+
+def test_episode_and_observation_settings_reject_nonsense_quoting_it():
+    import kvpass
+
+    model = tiny_model()
+    forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, episodes=2)
+    with pytest.raises(ValueError, match="medoids .* must be an int >= 1; got 0"):
+        EpisodicCache(forward, model, options, medoids=0)
+    with pytest.raises(ValueError, match=r"entries \[1\] of 2 are not"):
+        with kvpass.observing([torch.tensor([1, 2]), torch.tensor([])]):
+            pass
+    with pytest.raises(ValueError, match="a list of one per row.*got 3"):
+        with kvpass.observing(3):
+            pass
