@@ -125,7 +125,8 @@ class SitePlan:
         else:  # (a prefill's candidates are its own tokens: row r is head r, packed or not)
             attention = "attend_packed" if packed and has_store else "attend"
         continues = has_store and not static and block is None  # a decode step, a question: fills the reserve
-        context_scores = block is not None and getattr(options.policy, "scores", None) == "context" and not recency
+        scored_by_prompt = getattr(options.policy, "needs_observation_prompt", False)  # EpiCache's context scores
+        context_scores = block is not None and scored_by_prompt and not recency
         policy = RECENCY if recency else options.policy.spec()
         return cls(site, budget, capacity, capacity if continues else budget, n_new, policy,
                    options.head_floor,
