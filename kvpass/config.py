@@ -34,6 +34,8 @@ class KVPassOptions:
     head_budgets: str = "uniform"     # "adaptive": a layer's heads share its slots (Ada-KV), packed store
     head_floor: float = 0.2           # adaptive: each head keeps at least this fraction of the per-head budget
     reserve: int = 0                  # slots past the budget that later forwards (questions, answers) fill first
+    distribute: str | None = None     # "context": the KV is split over the ranks of torch.distributed's default group
+    placement_block: int = 1          # distribute: tokens dealt to the ranks round-robin in runs of this many
 
     def uuid(self) -> str:
         """A key that changes whenever an option changes (for compile caches)."""
@@ -49,6 +51,8 @@ class KVPassOptions:
                 "head_budgets": self.head_budgets,
                 "head_floor": self.head_floor,
                 "reserve": self.reserve,
+                "distribute": self.distribute,
+                "placement_block": self.placement_block,
             },
             sort_keys=True,
         )
@@ -69,7 +73,9 @@ class KVPassOptions:
 
 _POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate", "scores"}
 VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
-              "reference_kernels", "head_budgets", "head_floor", "reserve", *sorted(_POLICY_KEYS))
+              "reference_kernels", "head_budgets", "head_floor", "reserve", "distribute", "placement_block",
+              *sorted(_POLICY_KEYS))
+DISTRIBUTE = ("context",)
 HEAD_BUDGETS = ("uniform", "adaptive")
 # Policies whose per-slot scores are softmax weights of the slot's own kv head, comparable across heads (Ada-KV's
 # premise). TOVA and StreamingLLM rank every head alike, and key norms are not comparable across heads.
@@ -153,8 +159,32 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
     if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
         raise OptionError(f"kvpass: option 'reserve' must be an int >= 0 (store slots past the budget that forwards "
                           f"after the prefill fill before anything is evicted), got {reserve!r}")
+    distribute, placement_block = _distribute_options(options, prefill_block, head_budgets, reserve)
     return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes,
-                         reference_kernels, head_budgets, head_floor, reserve)
+                         reference_kernels, head_budgets, head_floor, reserve, distribute, placement_block)
+
+
+def _distribute_options(options: dict[str, Any], prefill_block: int | None, head_budgets: str,
+                        reserve: int) -> tuple[str | None, int]:
+    distribute = options.get("distribute")
+    if distribute is not None and distribute not in DISTRIBUTE:
+        raise OptionError(f"kvpass: option 'distribute' must be one of {list(DISTRIBUTE)} (split each layer's KV "
+                         f"over the ranks of torch.distributed's default group), got {distribute!r}")
+    placement_block = options.get("placement_block")
+    if placement_block is not None and distribute is None:
+        raise OptionError(f"kvpass: option 'placement_block' ({placement_block!r}) places tokens on ranks; it needs "
+                         "'distribute': 'context'")
+    placement_block = 1 if placement_block is None else _positive_int("placement_block", placement_block)
+    if distribute is not None:
+        # each of these shapes a store in a way the split does not carry yet: refused rather than run wrong
+        clashes = {"prefill_block": prefill_block, "reserve": reserve or None,
+                   "head_budgets": head_budgets if head_budgets != "uniform" else None}
+        given = {key: value for key, value in clashes.items() if value is not None}
+        if given:
+            raise OptionError(f"kvpass: option 'distribute'={distribute!r} splits each layer's store over ranks, "
+                             f"which does not combine with {given} yet; drop those options (head_budgets "
+                             "'uniform', no prefill_block, reserve 0)")
+    return distribute, placement_block
 
 
 def _head_options(options: dict[str, Any], policy: Policy) -> tuple[str, float]:

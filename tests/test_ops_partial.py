@@ -8,6 +8,7 @@ import torch
 
 from kvpass.ops import PARTIAL_REFERENCES, REFERENCES, attend_part_reference, merge_parts_reference, merge_two
 from kvpass.ops import partial as partial_ops
+from kvpass.ops.partial import part_weights_reference
 from kvpass.policies import H2O, make_policy
 
 attend_part = torch.ops.kvpass.attend_part
@@ -116,21 +117,25 @@ def _opcheck_cases():
         (attend_part, (*args, 3, 0.5)),
         (merge_parts, (outs, lses)),
         (merge_parts, (outs.bfloat16(), lses, torch.randn(4))),
+        (torch.ops.kvpass.part_weights, (c["q"], c["k"], c["k_pos"], c["q_pos"], torch.randn(2, 4, 3), c["scale"],
+                                         H2O().spec(), 3, 0.5)),
     ]
 
 
-@pytest.mark.parametrize("case", range(4), ids=["attend_part", "attend_part_window_softcap", "merge_parts",
-                                                "merge_parts_sinks_bf16"])
+@pytest.mark.parametrize("case", range(5), ids=["attend_part", "attend_part_window_softcap", "merge_parts",
+                                                "merge_parts_sinks_bf16", "part_weights"])
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     # every check, dynamic shapes included: both ops must trace into graphs with symbolic sizes
     assert set(torch.library.opcheck(op, args).values()) == {"SUCCESS"}
 
 
-def test_references_are_registered_apart_from_kv_references():
+def test_references_are_inlined_with_the_other_store_ops():
+    # the eviction pass inserts them for a store split over ranks: decode graphs inline them like kvpass::attend
     assert PARTIAL_REFERENCES == {torch.ops.kvpass.attend_part.default: attend_part_reference,
-                                  torch.ops.kvpass.merge_parts.default: merge_parts_reference}
-    assert not set(PARTIAL_REFERENCES) & set(REFERENCES)
+                                  torch.ops.kvpass.merge_parts.default: merge_parts_reference,
+                                  torch.ops.kvpass.part_weights.default: part_weights_reference}
+    assert PARTIAL_REFERENCES.items() <= REFERENCES.items()
 
 
 # ----------------------------------------------------------------------------------------------- exactness
@@ -349,3 +354,37 @@ def test_ops_export():
     assert targets.count(torch.ops.kvpass.merge_parts.default) == 1
     for got, want in zip(program.module()(*args), _two_part_attention(*args), strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- part_weights
+
+WEIGHT_POLICIES = {"h2o": H2O().spec(), "snapkv_window_3": make_policy("snapkv", window=3).spec(),
+                   "epicache_max": make_policy("epicache", scores="forward").spec(),
+                   "streaming_llm_reads_none": make_policy("streaming_llm").spec()}
+
+
+@pytest.mark.parametrize("policy", sorted(WEIGHT_POLICIES))
+@pytest.mark.parametrize("name", ["decode", "block", "decode_window", "block_softcap", "decode_sinks"])
+def test_part_weights_with_the_merged_lse_are_what_attend_observes(name, policy):
+    """Each part's slots, weighed with the log-sum-exp merged over all parts, get the weights kvpass::attend observes
+    over the unsplit store: a rank scoring its own slots sees what one process would."""
+    kwargs, window, softcap, with_sinks = ATTEND_CASES[name]
+    spec = WEIGHT_POLICIES[policy]
+    # no padding queries: kvpass::attend lets one see the store (only a first block, which has no store, is padded)
+    case = make_case(3, **{**kwargs, "max_pad": 0})
+    hq = case["q"].shape[1]
+    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(3)) * 2 if with_sinks else None
+    _, expected = torch.ops.kvpass.attend(case["q"], case["k"], case["v"], case["k_pos"], case["scale"], spec, window,
+                                          softcap, None if sinks is None else sinks.view(1, hq, 1))
+    owner = torch.randint(0, 3, case["k_pos"].shape, generator=torch.Generator().manual_seed(4))
+    pieces = [(case["k"], case["v"], case["k_pos"].masked_fill(owner != p, -1)) for p in range(3)]
+    _, lse = merge_parts(*attend_parts(case, pieces, window, softcap), sinks)
+    weights = [torch.ops.kvpass.part_weights(case["q"], k, kp, case["q_pos"], lse, case["scale"], spec, window,
+                                             softcap) for k, _, kp in pieces]
+    assert all(w.shape == expected.shape for w in weights)
+    if expected.shape[-1] == 0:  # a policy that reads no weights gets none
+        return
+    for p, w in enumerate(weights):
+        mine = (owner == p).repeat_interleave(hq // owner.shape[1], dim=1)  # [B, H_q, N]
+        torch.testing.assert_close(w[mine], expected[mine], atol=1e-6, rtol=1e-5)
+        assert not w[~mine].any()  # another part's slots weigh nothing here

@@ -22,7 +22,8 @@ from kvpass.ops.kv import (
 from kvpass.ops.partial import PARTIAL_REFERENCES, attend_part_reference, merge_parts_reference, merge_two
 
 # op overload -> its pure-torch reference, for the ops the eviction passes insert (inlined by the lowerings)
-REFERENCES = {**_KV_REFERENCES, torch.ops.kvpass.context_scores.default: observe.context_scores_reference}
+REFERENCES = {**_KV_REFERENCES, torch.ops.kvpass.context_scores.default: observe.context_scores_reference,
+              **PARTIAL_REFERENCES}
 
 __all__ = ["PARTIAL_REFERENCES", "REFERENCES", "attend_part_reference", "attend_reference", "compact_reference", "dllm",
            "merge_parts_reference", "merge_two", "observe", "pack_positions", "partial", "score_reference",

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from kvpass.ops.kv import _CHUNK_ELEMENTS, _QUERY_CHUNK, soft_capped
+from kvpass.policies import policy_from_spec
 
 _NEG_INF = float("-inf")
 
@@ -102,6 +103,45 @@ def _(q, k, v, k_pos, q_pos, scale, window=0, softcap=0.0):
     return q.new_empty(b, hq, t, v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32)
 
 
+def part_weights_reference(
+    q: Tensor, k: Tensor, k_pos: Tensor, q_pos: Tensor, lse: Tensor, scale: float, policy: str, window: int = 0,
+    softcap: float = 0.0,
+) -> Tensor:
+    """The softmax weights a policy observes, for the slots of one part, normalized over the whole split store.
+
+    q, k, k_pos, q_pos, scale, window, softcap as in :func:`attend_part_reference`; lse: ``[B, H_q, T]`` float32 the
+    log-sum-exp over *every* part (:func:`merge_parts`' second output), so ``exp(logit - lse)`` is the weight the
+    unsplit softmax gives each slot of this part. Returns ``[B, H_q, N]`` float32: those weights of the last
+    ``policy.n_obs(T)`` queries summed (``obs_reduce == "max"``: maximized) over the queries, what
+    :func:`kvpass.ops.kv.attend_reference` returns as ``obs`` for an unsplit store (``[B, H_q, 0]`` if the policy
+    reads none). Slots a query does not see weigh 0.
+    """
+    b, hq, t, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    group = hq // hkv
+    rule = policy_from_spec(policy)
+    n_obs = rule.n_obs(t) if rule.needs_obs else 0
+    if n_obs == 0:
+        return q.new_zeros(b, hq, 0, dtype=torch.float32)
+    first = t - n_obs
+    qc = q[:, :, first:].reshape(b, hkv, group * n_obs, d).float()
+    logits = soft_capped((qc @ k.float().transpose(-1, -2)) * scale, softcap).view(b, hkv, group, n_obs, n)
+    visible = part_mask(k_pos, q_pos[:, first:], window)[:, :, None]
+    total = lse[:, :, first:].reshape(b, hkv, group, n_obs, 1).float()
+    weights = torch.exp(logits - torch.where(total == _NEG_INF, 0.0, total)).masked_fill(~visible, 0.0)
+    reduced = weights.amax(dim=3) if rule.obs_reduce == "max" else weights.sum(dim=3)
+    return reduced.reshape(b, hq, n)
+
+
+part_weights = torch.library.custom_op("kvpass::part_weights", mutates_args=())(part_weights_reference)
+
+
+@part_weights.register_fake
+def _(q, k, k_pos, q_pos, lse, scale, policy, window=0, softcap=0.0):
+    n = k.shape[2] if policy_from_spec(policy).needs_obs else 0
+    return q.new_empty(q.shape[0], q.shape[1], n, dtype=torch.float32)
+
+
 def sink_lse(sinks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     """Learned sink logits as a part's ``lse`` of ``shape`` ``[B, H, T]``, float32: ``[H]`` (one per head,
     GPT-OSS) or anything broadcastable to ``[B, H, T]``."""
@@ -147,12 +187,13 @@ def merge_two(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tup
     return merge_parts(torch.stack([out_a, out_b.to(out_a.dtype)]), torch.stack([lse_a.float(), lse_b.float()]))
 
 
-# op overload → its pure-torch reference (kept apart from kv.REFERENCES, which the lowering passes hand to
-# AOTAutograd as decompositions)
+# op overload → its pure-torch reference (the eviction passes insert them for a store split over ranks; the
+# lowerings inline them where kvpass.ops.REFERENCES are inlined)
 PARTIAL_REFERENCES = {
     torch.ops.kvpass.attend_part.default: attend_part_reference,
     torch.ops.kvpass.merge_parts.default: merge_parts_reference,
+    torch.ops.kvpass.part_weights.default: part_weights_reference,
 }
 
 __all__ = ["PARTIAL_REFERENCES", "attend_part", "attend_part_reference", "merge_parts", "merge_parts_reference",
-           "merge_two", "part_mask", "sink_lse"]
+           "merge_two", "part_mask", "part_weights", "part_weights_reference", "sink_lse"]

@@ -11,8 +11,13 @@ which *variant* each step takes, chosen once in a :class:`SitePlan`:
 (c) validity          which new tokens are real: the last row of a prefill's mask, ``position_ids`` (a
                       StaticCache's first forward), all of them (an append), or a block's ``valid | observe``
 (d) extend            the metadata of every candidate: ``kvpass::extend_meta`` or ``extend_packed_meta``
+(d') place            a context split over ranks (:mod:`~kvpass.passes.context_split`): the candidates this rank
+                      does not own are made empty, so it attends to and keeps only its own
 (e) attend            ``kvpass::attend``, ``attend_packed`` over a packed store, or ``attend`` over the keys and
-                      values a model projects from its latent cache; a soft cap and sinks passed on as they are
+                      values a model projects from its latent cache; a soft cap and sinks passed on as they are;
+                      split over ranks: ``kvpass::attend_part`` over this rank's slots, an all-gather of every
+                      rank's (output, log-sum-exp), ``kvpass::merge_parts``, and ``kvpass::part_weights`` for the
+                      policy (each slot's weight normalized over the whole context)
 (f) observe           a block's observation-only tokens made dead for scoring and compaction; for EpiCache's
                       context scores, ``kvpass::context_scores`` of the observation queries over the rest
 (g) score             ``kvpass::score`` with the options' policy
@@ -39,6 +44,7 @@ import kvpass.ops  # noqa: F401  (registers the kvpass::* ops used below)
 from kvpass.analysis import AttentionSite, UnsupportedGraph, node_value
 from kvpass.config import KVPassOptions
 from kvpass.passes.blockwise_prefill import BlockInputs
+from kvpass.passes.context_split import ContextSplit
 from kvpass.policies import StreamingLLM, policy_from_spec
 
 ALL = slice(None)  # (in index tuples)
@@ -79,10 +85,13 @@ class SitePlan:
     # a block graph's sliding layer whose cache keeps HF's window: its store carries that window from block to block,
     # kept by recency (``policy`` is StreamingLLM without sinks), never scored by the options' policy nor packed
     recency: bool = False
+    # (d'), (e) a context split over ranks: this rank keeps and attends to the positions it owns, merged over ranks
+    split: ContextSplit | None = None
+    store_slots: int = 0             # slots of the store this forward continues (0: a first forward)
 
     @classmethod
     def of(cls, site: AttentionSite, options: KVPassOptions, budget: int, capacity: int, block: BlockInputs | None,
-           placeholders: list[fx.Node]) -> SitePlan:
+           placeholders: list[fx.Node], split: ContextSplit | None = None) -> SitePlan:
         """Choose every step's variant for ``site``; refuse the combinations kvpass does not support."""
         recency = block is not None and bool(site.window) and not site.masked_window
         packed = options.head_budgets == "adaptive" and not recency
@@ -134,7 +143,8 @@ class SitePlan:
                    extend="extend_packed_meta" if packed else "extend_meta", attention=attention,
                    fold_heads=node_value(site.attn).dim() == 3, observe=block is not None,
                    block=options.prefill_block if block is not None else 0, context_scores=context_scores,
-                   compaction="compact_packed" if packed else "compact", store_out=store_out, recency=recency)
+                   compaction="compact_packed" if packed else "compact", store_out=store_out, recency=recency,
+                   split=split, store_slots=node_value(site.past_keys).shape[2] if has_store else 0)
 
 
 @dataclasses.dataclass
@@ -176,6 +186,7 @@ def rewrite_site(graph: fx.Graph, plan: SitePlan, block: BlockInputs | None) -> 
         state_inputs, (pos, acc, seen) = steps.state_in(keys)
         new_valid = steps.validity()
         meta = steps.extend(pos, acc, seen, new_valid)
+        meta = steps.place(meta)
         out, obs = steps.attend(keys, values, meta)
         meta = steps.observe(meta)
         obs = steps.context_scores(keys, meta, obs)
@@ -196,6 +207,7 @@ class _Steps:
         self.graph, self.plan, self.site, self.block = graph, plan, plan.site, block
         self.g = graph.call_function
         self._tokens_before: fx.Node | None = None
+        self._query_positions: fx.Node | None = None  # (d') the new tokens' positions, before placement
 
     def candidates(self) -> tuple[fx.Node, fx.Node]:
         """(a) Keys and values ``[B, H_kv, N, D]`` the store is chosen from."""
@@ -257,10 +269,21 @@ class _Steps:
                 pos_all, head_all, acc_all, seen_all = (g(operator.getitem, (meta, i)) for i in range(4))
                 return Meta(pos_all, head_all, acc_all, seen_all)
 
+    def place(self, meta: Meta) -> Meta:
+        """(d') A context split over ranks: the candidates another rank owns become empty slots here (``seen`` still
+        counts them: they are part of the sequence)."""
+        split = self.plan.split
+        if split is None:
+            return meta
+        self._query_positions = self.g(operator.getitem, (meta.pos, (ALL, 0, slice(self.plan.store_slots, None))))
+        return Meta(split.owned_positions(self.graph, meta.pos), meta.head, meta.acc, meta.seen)
+
     def attend(self, keys: fx.Node, values: fx.Node, meta: Meta) -> tuple[fx.Node, fx.Node]:
         """(e) (the attention output, in the site's layout; the weights the policy observes)."""
         site, plan, g = self.site, self.plan, self.g
         extra = self._softcap_and_sinks()
+        if plan.split is not None:
+            return self._attend_split(keys, values, meta, extra)
         match plan.attention:
             case "attend":
                 attended = g(torch.ops.kvpass.attend.default,
@@ -337,6 +360,34 @@ class _Steps:
                 graph.call_method("copy_", (site.values, graph.call_method("detach", (store.v,))))
 
     # helpers of the steps
+
+    def _attend_split(self, keys: fx.Node, values: fx.Node, meta: Meta, extra: tuple) -> tuple[fx.Node, fx.Node]:
+        """(e) over a context split across ranks: this rank's partial attention, every rank's partials gathered in
+        one collective (output and log-sum-exp side by side, float32) and merged exactly; the policy's weights
+        normalized by the merged log-sum-exp, so each rank scores its slots as the unsplit softmax weighs them."""
+        site, plan, g = self.site, self.plan, self.g
+        pos = meta.pos
+        if plan.attention == "latent":
+            keys, values = site.attn_keys, site.attn_values
+            pos = self._pos_per_head(pos, node_value(site.key_write).shape[1], node_value(site.attn_keys).shape[1])
+        softcap = extra[0] if extra else 0.0
+        sinks = extra[1] if len(extra) > 1 else None
+        q_pos = self._query_positions
+        part = g(torch.ops.kvpass.attend_part.default, (site.q, keys, values, pos, q_pos, site.scale, site.window,
+                                                       softcap))
+        out_part, lse_part = (g(operator.getitem, (part, i)) for i in range(2))
+        packed = g(torch.cat, ([g(torch.Tensor.float, (out_part,)), g(torch.unsqueeze, (lse_part, -1))],), {"dim": -1})
+        gathered = plan.split.all_gather(self.graph, packed)  # [ranks, B, H_q, T, D_v + 1]
+        outs = g(operator.getitem, (gathered, (Ellipsis, slice(None, -1))))
+        lses = g(operator.getitem, (gathered, (Ellipsis, -1)))
+        merged = g(torch.ops.kvpass.merge_parts.default, (outs, lses, sinks))
+        out = g(torch.Tensor.to, (g(operator.getitem, (merged, 0)), node_value(site.q).dtype))
+        lse = g(operator.getitem, (merged, 1))
+        obs = g(torch.ops.kvpass.part_weights.default, (site.q, keys, pos, q_pos, lse, site.scale, plan.policy,
+                                                       site.window, softcap))
+        if plan.fold_heads:
+            out = g(torch.flatten, (out, 0, 1))
+        return out, obs
 
     def _stand_ins(self) -> tuple[fx.Node, fx.Node, fx.Node]:
         """Placeholders for pos, acc, seen; the pass swaps them for graph inputs once every site is rewritten."""

@@ -11,6 +11,7 @@ import torch.fx as fx
 from kvpass.analysis import AttentionSite, UnsupportedGraph, node_value
 from kvpass.config import KVPassOptions
 from kvpass.passes.blockwise_prefill import BlockInputs
+from kvpass.passes.context_split import ContextSplit
 from kvpass.passes.eviction_steps import SitePlan, rewrite_site
 
 
@@ -77,6 +78,11 @@ class InsertKVEviction:
     With ``block`` (from :class:`~kvpass.passes.BlockwisePrefill`), sites with a store input take the
     block's ``valid`` flags for their new tokens, and its ``observe`` tokens get positions (they attend
     to each other) but are dead for scoring and compaction and are not counted in ``seen``.
+
+    With option ``distribute="context"`` (:mod:`~kvpass.passes.context_split`) each rewritten site keeps only the
+    positions this rank owns, in a store of its share of the budget (:meth:`ContextSplit.share`), and its attention is
+    the exact merge of every rank's partial attention, gathered by a functional collective in the graph; counted as
+    ``split_sites``. Sliding-window sites left to HF keep their whole window on every rank.
     """
 
     def __init__(self, options: KVPassOptions, prefill_budgets: dict[int, tuple[int, int]] | None = None) -> None:
@@ -84,10 +90,13 @@ class InsertKVEviction:
         # (budget, capacity) per layer chosen by the last prefill; ratio-mode decode graphs reuse them
         self.prefill_budgets = prefill_budgets or {}
         self.counters: collections.Counter[str] = collections.Counter()
+        # read once, when the graph is rewritten: a compiled graph belongs to the rank (and group) that compiled it
+        self.split = ContextSplit.of_default_group(options.placement_block) if options.distribute else None
 
     def uuid(self) -> str:
         """Changes with the rewrite (its version) or the options: part of the compiled graph's cache key."""
-        return f"{type(self).__name__}:v3:{self.options.uuid()}"
+        split = "" if self.split is None else f":rank{self.split.rank}of{self.split.world}:{self.split.group_name}"
+        return f"{type(self).__name__}:v3:{self.options.uuid()}{split}"
 
     def __call__(self, graph: fx.Graph, sites: list[AttentionSite],
                  block: BlockInputs | None = None) -> list[LayerPlan]:
@@ -144,11 +153,16 @@ class InsertKVEviction:
         """One site: its budget, the plan of its steps (:mod:`kvpass.passes.eviction_steps`), the steps, the count."""
         n_new = node_value(site.q).shape[2]
         has_store = site.past_keys is not None
+        if self.split is not None and (site.static_writes or block is not None):
+            raise UnsupportedGraph(
+                f"kvpass: option 'distribute'='context' splits a DynamicCache store over ranks; layer {site.layer} "
+                f"{'writes a StaticCache' if site.static_writes else 'is in a block-wise prefill'}, which it does "
+                "not split yet. Use the default DynamicCache (generate's) and no 'prefill_block'")
         if block is not None:
             budget, capacity = self.block_budget(site, n_layers, n_new)
         else:
             budget, capacity = self.budget(site, n_layers, n_new, has_store)
-        plan = SitePlan.of(site, self.options, budget, capacity, block, placeholders)
+        plan = SitePlan.of(site, self.options, budget, capacity, block, placeholders, self.split)
         done = rewrite_site(graph, plan, block)
         self._count(plan)
         store = done.store
@@ -160,7 +174,8 @@ class InsertKVEviction:
         """Count one rewritten site: its extras, then its forward, its attention and its cache."""
         site = plan.site
         extras = {"sink_sites": site.sinks is not None, "latent_sites": plan.attention == "latent",
-                  "head_adaptive_sites": plan.compaction == "compact_packed", "sliding_sites_carried": plan.recency}
+                  "head_adaptive_sites": plan.compaction == "compact_packed", "sliding_sites_carried": plan.recency,
+                  "split_sites": plan.split is not None}
         forward = "block_sites" if plan.observe else "decode_sites" if site.past_keys is not None else "prefill_sites"
         static = ["static_cache_sites"] if site.static_writes else []
         for name in [*(name for name, on in extras.items() if on), forward, f"{site.kind}_sites", *static]:
@@ -190,6 +205,8 @@ class InsertKVEviction:
             )
         prompt = 0 if is_decode else n_new
         budgets = [opts.budget_for(i, n_layers, prompt) for i in range(n_layers)]
+        if self.split is not None:  # the options' budgets are the whole context's; this rank keeps its share
+            budgets = [self.split.share(b) for b in budgets]
         budget = budgets[site.layer]
         # With a mask over the keys (padding, eager attention), HF builds one 4D mask sized by the first layer's
         # cache for every layer, so all stores need the same capacity; without one (or with kvpass.CompressedCache's
