@@ -12,10 +12,12 @@ which *variant* each step takes, chosen once in a :class:`SitePlan`:
                       StaticCache's first forward), all of them (an append), or a block's ``valid | observe``
 (d) extend            the metadata of every candidate: ``kvpass::extend_meta`` or ``extend_packed_meta``
 (d') place            a context split over ranks (:mod:`~kvpass.passes.context_split`): the candidates this rank
-                      does not own are made empty, so it attends to and keeps only its own
+                      does not own are made empty, so it keeps only its own (and, continuing a store, attends to
+                      only its own: a first forward attends to all its tokens, which every rank computed anyway)
 (e) attend            ``kvpass::attend``, ``attend_packed`` over a packed store, or ``attend`` over the keys and
                       values a model projects from its latent cache; a soft cap and sinks passed on as they are;
-                      split over ranks: ``kvpass::attend_part`` over this rank's slots, an all-gather of every
+                      continuing a store split over ranks: ``kvpass::attend_part`` over this rank's slots, an
+                      all-gather of every
                       rank's (output, log-sum-exp), ``kvpass::merge_parts``, and ``kvpass::part_weights`` for the
                       policy (each slot's weight normalized over the whole context)
 (f) observe           a block's observation-only tokens made dead for scoring and compaction; for EpiCache's
@@ -88,6 +90,13 @@ class SitePlan:
     # (d'), (e) a context split over ranks: this rank keeps and attends to the positions it owns, merged over ranks
     split: ContextSplit | None = None
     store_slots: int = 0             # slots of the store this forward continues (0: a first forward)
+
+    @property
+    def attends_split(self) -> bool:
+        """(e) attention merged over ranks: a forward continuing a split store. A first forward's candidates are its own
+        tokens, which every rank computed: attending to all of them locally is exact and needs no collective
+        (measured faster than gathering partials here: BENCHMARKS.md, "KV split over ranks")."""
+        return self.split is not None and self.site.past_keys is not None
 
     @classmethod
     def of(cls, site: AttentionSite, options: KVPassOptions, budget: int, capacity: int, block: BlockInputs | None,
@@ -185,9 +194,9 @@ def rewrite_site(graph: fx.Graph, plan: SitePlan, block: BlockInputs | None) -> 
         keys, values = steps.candidates()
         state_inputs, (pos, acc, seen) = steps.state_in(keys)
         new_valid = steps.validity()
-        meta = steps.extend(pos, acc, seen, new_valid)
-        meta = steps.place(meta)
-        out, obs = steps.attend(keys, values, meta)
+        extended = steps.extend(pos, acc, seen, new_valid)
+        meta = steps.place(extended)
+        out, obs = steps.attend(keys, values, meta if plan.attends_split else extended)
         meta = steps.observe(meta)
         obs = steps.context_scores(keys, meta, obs)
         keep, acc_new = steps.score(obs, keys, meta)
@@ -275,14 +284,15 @@ class _Steps:
         split = self.plan.split
         if split is None:
             return meta
-        self._query_positions = self.g(operator.getitem, (meta.pos, (ALL, 0, slice(self.plan.store_slots, None))))
+        if self.plan.attends_split:  # the queries' positions, whoever owns them
+            self._query_positions = self.g(operator.getitem, (meta.pos, (ALL, 0, slice(self.plan.store_slots, None))))
         return Meta(split.owned_positions(self.graph, meta.pos), meta.head, meta.acc, meta.seen)
 
     def attend(self, keys: fx.Node, values: fx.Node, meta: Meta) -> tuple[fx.Node, fx.Node]:
         """(e) (the attention output, in the site's layout; the weights the policy observes)."""
         site, plan, g = self.site, self.plan, self.g
         extra = self._softcap_and_sinks()
-        if plan.split is not None:
+        if plan.attends_split:
             return self._attend_split(keys, values, meta, extra)
         match plan.attention:
             case "attend":
