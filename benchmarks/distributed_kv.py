@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kvpass.validate import choice, csv, positive_int
+from kvpass.validate import choice, csv, non_negative_int, positive_int
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 WARMUP = 3
@@ -42,10 +42,10 @@ WARMUP = 3
 def run_rank(row: dict) -> dict:
     """Prefill, warm up, time ``steps`` decode steps; this process's figures (every rank runs this)."""
     import torch.distributed as dist
-
-    import kvpass
     from kvpass.models import load
     from kvpass.models.data.niah import corpus_ids
+
+    import kvpass
 
     split = row["ranks"] > 1
     if split:
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", type=csv(positive_int), default=[8192], help="prompt lengths (default: 8192)")
     p.add_argument("--ranks", type=csv(positive_int), default=[1, 2], help="rank counts (default: 1,2)")
     p.add_argument("--steps", type=positive_int, default=16, help="decode steps timed (default: %(default)s)")
-    p.add_argument("--profile-steps", type=int, default=4, help="steps profiled for the collective's share")
+    p.add_argument("--profile-steps", type=non_negative_int, default=4,
+                   help="steps profiled for the collective's share (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=2, help="threads of the 1-rank process (default: 2)")
     p.add_argument("--rank-threads", type=positive_int, default=1, help="threads per rank (default: 1)")
     p.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor", help="(default: %(default)s)")

@@ -24,12 +24,20 @@ def script(name: str):
     ("elastic_cache", ["--accuracy-only", "--problems", "0"]),
     ("many_conversations", ["--conversations", "0"]),
     ("many_conversations", ["--lockstep", "0"]),
+    ("distributed_kv", ["--ranks", "0"]),
+    ("distributed_kv", ["--rank-threads", "0"]),
 ])
 def test_benchmark_counts_must_be_positive(name, argv, capsys):
     with pytest.raises(SystemExit):
         script(name).main(argv)
     err = capsys.readouterr().err
     assert f"expected a positive integer, got {argv[-1]}" in err
+
+
+def test_distributed_profile_steps_may_be_zero_but_not_negative(capsys):
+    with pytest.raises(SystemExit):
+        script("distributed_kv").main(["--profile-steps", "-1"])
+    assert "expected a non-negative integer, got -1" in capsys.readouterr().err
 
 
 def test_llada_problems_may_be_zero_but_not_negative(capsys):

@@ -8,8 +8,9 @@ import torch
 
 from kvpass.ops import PARTIAL_REFERENCES, REFERENCES, attend_part_reference, merge_parts_reference, merge_two
 from kvpass.ops import partial as partial_ops
-from kvpass.ops.partial import part_weights_reference
+from kvpass.ops.partial import attend_part_observed_reference, merged_observation
 from kvpass.policies import H2O, make_policy
+from kvpass.policies import policy_from_spec as make_policy_from
 
 attend_part = torch.ops.kvpass.attend_part
 merge_parts = torch.ops.kvpass.merge_parts
@@ -117,13 +118,12 @@ def _opcheck_cases():
         (attend_part, (*args, 3, 0.5)),
         (merge_parts, (outs, lses)),
         (merge_parts, (outs.bfloat16(), lses, torch.randn(4))),
-        (torch.ops.kvpass.part_weights, (c["q"], c["k"], c["k_pos"], c["q_pos"], torch.randn(2, 4, 3), c["scale"],
-                                         H2O().spec(), 3, 0.5)),
+        (torch.ops.kvpass.attend_part_observed, (*args, make_policy("snapkv", window=2).spec(), 3, 0.5)),
     ]
 
 
 @pytest.mark.parametrize("case", range(5), ids=["attend_part", "attend_part_window_softcap", "merge_parts",
-                                                "merge_parts_sinks_bf16", "part_weights"])
+                                                "merge_parts_sinks_bf16", "attend_part_observed"])
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     # every check, dynamic shapes included: both ops must trace into graphs with symbolic sizes
@@ -134,7 +134,7 @@ def test_references_are_inlined_with_the_other_store_ops():
     # the eviction pass inserts them for a store split over ranks: decode graphs inline them like kvpass::attend
     assert PARTIAL_REFERENCES == {torch.ops.kvpass.attend_part.default: attend_part_reference,
                                   torch.ops.kvpass.merge_parts.default: merge_parts_reference,
-                                  torch.ops.kvpass.part_weights.default: part_weights_reference}
+                                  torch.ops.kvpass.attend_part_observed.default: attend_part_observed_reference}
     assert PARTIAL_REFERENCES.items() <= REFERENCES.items()
 
 
@@ -356,7 +356,7 @@ def test_ops_export():
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------- part_weights
+# ----------------------------------------------------------------------------------------------- observed weights
 
 WEIGHT_POLICIES = {"h2o": H2O().spec(), "snapkv_window_3": make_policy("snapkv", window=3).spec(),
                    "epicache_max": make_policy("epicache", scores="forward").spec(),
@@ -365,7 +365,7 @@ WEIGHT_POLICIES = {"h2o": H2O().spec(), "snapkv_window_3": make_policy("snapkv",
 
 @pytest.mark.parametrize("policy", sorted(WEIGHT_POLICIES))
 @pytest.mark.parametrize("name", ["decode", "block", "decode_window", "block_softcap", "decode_sinks"])
-def test_part_weights_with_the_merged_lse_are_what_attend_observes(name, policy):
+def test_observed_weights_rescaled_by_the_merged_lse_are_what_attend_observes(name, policy):
     """Each part's slots, weighed with the log-sum-exp merged over all parts, get the weights kvpass::attend observes
     over the unsplit store: a rank scoring its own slots sees what one process would."""
     kwargs, window, softcap, with_sinks = ATTEND_CASES[name]
@@ -378,12 +378,18 @@ def test_part_weights_with_the_merged_lse_are_what_attend_observes(name, policy)
                                           softcap, None if sinks is None else sinks.view(1, hq, 1))
     owner = torch.randint(0, 3, case["k_pos"].shape, generator=torch.Generator().manual_seed(4))
     pieces = [(case["k"], case["v"], case["k_pos"].masked_fill(owner != p, -1)) for p in range(3)]
-    _, lse = merge_parts(*attend_parts(case, pieces, window, softcap), sinks)
-    weights = [torch.ops.kvpass.part_weights(case["q"], k, kp, case["q_pos"], lse, case["scale"], spec, window,
-                                             softcap) for k, _, kp in pieces]
-    assert all(w.shape == expected.shape for w in weights)
-    if expected.shape[-1] == 0:  # a policy that reads no weights gets none
+    parts = [torch.ops.kvpass.attend_part_observed(case["q"], k, v, kp, case["q_pos"], case["scale"], spec, window,
+                                                   softcap) for k, v, kp in pieces]
+    for (out, lse, _), piece in zip(parts, pieces, strict=True):  # the same attention as attend_part's
+        expected_out, expected_lse = attend_part(case["q"], *piece, case["q_pos"], case["scale"], window, softcap)
+        assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    _, lse = merge_parts(torch.stack([o for o, _, _ in parts]), torch.stack([p for _, p, _ in parts]), sinks)
+    rule = make_policy_from(spec)
+    if not rule.needs_obs:  # a policy that reads no weights gets none
+        assert all(w.shape[2] == 0 for _, _, w in parts) and expected.shape[-1] == 0
         return
+    weights = [merged_observation(w, lse_part, lse, rule.obs_reduce) for _, lse_part, w in parts]
+    assert all(w.shape == expected.shape for w in weights)
     for p, w in enumerate(weights):
         mine = (owner == p).repeat_interleave(hq // owner.shape[1], dim=1)  # [B, H_q, N]
         torch.testing.assert_close(w[mine], expected[mine], atol=1e-6, rtol=1e-5)

@@ -65,6 +65,23 @@ def attend_part_reference(
     slots of ``exp(logit)``). A row that sees no slot gets ``out = 0``, ``lse = -inf``. Computed in float32; the
     queries go in chunks so the ``[rows, N]`` temporaries stay bounded for long ``T``.
     """
+    out, lse, _ = _attend_part(q, k, v, k_pos, q_pos, scale, window, softcap, 0)
+    return out, lse
+
+
+def attend_part_observed_reference(
+    q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor, scale: float, policy: str, window: int = 0,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`attend_part_reference` plus the part's softmax weights of the last ``policy.n_obs(T)`` queries,
+    ``[B, H_q, n_obs, N]`` float32 (``n_obs = 0`` for a policy that reads none), normalized within the part: what a
+    policy scoring a split store needs, once :func:`merged_observation` rescales them by the merged log-sum-exp."""
+    rule = policy_from_spec(policy)
+    return _attend_part(q, k, v, k_pos, q_pos, scale, window, softcap, rule.n_obs(q.shape[2]) if rule.needs_obs else 0)
+
+
+def _attend_part(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor, scale: float, window: int,
+                 softcap: float, n_obs: int) -> tuple[Tensor, Tensor, Tensor]:
     b, hq, t, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     dv = v.shape[-1]
@@ -73,10 +90,13 @@ def attend_part_reference(
     qg = q.view(b, hkv, group, t, d)
     kf, vf = k.float(), v.float()
     rows = max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // max(1, group * n))) if isinstance(n, int) else _QUERY_CHUNK
+    first_obs = t - n_obs
+    # chunks never straddle first_obs, so the observed rows are whole chunks
+    bounds = [*range(0, first_obs, rows), *range(first_obs, t, rows), t] if t else []
     outs: list[Tensor] = []
     lses: list[Tensor] = []
-    for start in range(0, t, rows):
-        stop = min(start + rows, t)
+    observed: list[Tensor] = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         r = stop - start
         qc = qg[:, :, :, start:stop].reshape(b, hkv, group * r, d).float()
         logits = soft_capped((qc @ kf.transpose(-1, -2)) * scale, softcap).view(b, hkv, group, r, n)
@@ -87,11 +107,31 @@ def attend_part_reference(
         weights = torch.exp(logits - torch.where(lse == _NEG_INF, 0.0, lse)[..., None])
         outs.append((weights.view(b, hkv, group * r, n) @ vf).view(b, hkv, group, r, dv))
         lses.append(lse)
+        if start >= first_obs:
+            observed.append(weights)
     if not outs:  # no queries
-        return q.new_zeros(b, hq, 0, dv), q.new_zeros(b, hq, 0, dtype=torch.float32)
+        return (q.new_zeros(b, hq, 0, dv), q.new_zeros(b, hq, 0, dtype=torch.float32),
+                q.new_zeros(b, hq, 0, n, dtype=torch.float32))
     out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
     lse = torch.cat(lses, dim=3) if len(lses) > 1 else lses[0]
-    return out.reshape(b, hq, t, dv).to(q.dtype), lse.reshape(b, hq, t).contiguous()
+    if observed:
+        obs = (torch.cat(observed, dim=3) if len(observed) > 1 else observed[0]).reshape(b, hq, n_obs, n)
+    else:
+        obs = q.new_zeros(b, hq, 0, n, dtype=torch.float32)
+    return out.reshape(b, hq, t, dv).to(q.dtype), lse.reshape(b, hq, t).contiguous(), obs.contiguous()
+
+
+def merged_observation(observed: Tensor, lse_part: Tensor, lse: Tensor, reduce: str) -> Tensor:
+    """A part's observed weights (``[B, H_q, n_obs, N]``, :func:`attend_part_observed_reference`) as the unsplit
+    softmax weighs them, ``exp(logit - lse)``: rescaled by ``exp(lse_part - lse)`` of their queries (``lse_part``,
+    ``lse``: ``[B, H_q, T]``, this part's and the merged log-sum-exp), then summed (``reduce="sum"``) or maximized
+    (``"max"``) over the queries: ``[B, H_q, N]``, what :func:`kvpass.ops.kv.attend_reference` returns as ``obs``
+    over the whole store. Plain tensor code (traced into the graph). Needs ``n_obs >= 1``."""
+    n_obs = observed.shape[2]
+    tail = slice(lse.shape[2] - n_obs, None)
+    scale = torch.exp(lse_part[:, :, tail] - torch.where(lse[:, :, tail] == _NEG_INF, 0.0, lse[:, :, tail]))
+    weighed = observed * torch.where(lse_part[:, :, tail] == _NEG_INF, 0.0, scale)[..., None]
+    return weighed.amax(dim=2) if reduce == "max" else weighed.sum(dim=2)
 
 
 attend_part = torch.library.custom_op("kvpass::attend_part", mutates_args=())(attend_part_reference)
@@ -103,43 +143,17 @@ def _(q, k, v, k_pos, q_pos, scale, window=0, softcap=0.0):
     return q.new_empty(b, hq, t, v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32)
 
 
-def part_weights_reference(
-    q: Tensor, k: Tensor, k_pos: Tensor, q_pos: Tensor, lse: Tensor, scale: float, policy: str, window: int = 0,
-    softcap: float = 0.0,
-) -> Tensor:
-    """The softmax weights a policy observes, for the slots of one part, normalized over the whole split store.
+attend_part_observed = torch.library.custom_op("kvpass::attend_part_observed", mutates_args=())(
+    attend_part_observed_reference)
 
-    q, k, k_pos, q_pos, scale, window, softcap as in :func:`attend_part_reference`; lse: ``[B, H_q, T]`` float32 the
-    log-sum-exp over *every* part (:func:`merge_parts`' second output), so ``exp(logit - lse)`` is the weight the
-    unsplit softmax gives each slot of this part. Returns ``[B, H_q, N]`` float32: those weights of the last
-    ``policy.n_obs(T)`` queries summed (``obs_reduce == "max"``: maximized) over the queries, what
-    :func:`kvpass.ops.kv.attend_reference` returns as ``obs`` for an unsplit store (``[B, H_q, 0]`` if the policy
-    reads none). Slots a query does not see weigh 0.
-    """
-    b, hq, t, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
-    group = hq // hkv
+
+@attend_part_observed.register_fake
+def _(q, k, v, k_pos, q_pos, scale, policy, window=0, softcap=0.0):
+    b, hq, t = q.shape[:3]
     rule = policy_from_spec(policy)
     n_obs = rule.n_obs(t) if rule.needs_obs else 0
-    if n_obs == 0:
-        return q.new_zeros(b, hq, 0, dtype=torch.float32)
-    first = t - n_obs
-    qc = q[:, :, first:].reshape(b, hkv, group * n_obs, d).float()
-    logits = soft_capped((qc @ k.float().transpose(-1, -2)) * scale, softcap).view(b, hkv, group, n_obs, n)
-    visible = part_mask(k_pos, q_pos[:, first:], window)[:, :, None]
-    total = lse[:, :, first:].reshape(b, hkv, group, n_obs, 1).float()
-    weights = torch.exp(logits - torch.where(total == _NEG_INF, 0.0, total)).masked_fill(~visible, 0.0)
-    reduced = weights.amax(dim=3) if rule.obs_reduce == "max" else weights.sum(dim=3)
-    return reduced.reshape(b, hq, n)
-
-
-part_weights = torch.library.custom_op("kvpass::part_weights", mutates_args=())(part_weights_reference)
-
-
-@part_weights.register_fake
-def _(q, k, k_pos, q_pos, lse, scale, policy, window=0, softcap=0.0):
-    n = k.shape[2] if policy_from_spec(policy).needs_obs else 0
-    return q.new_empty(q.shape[0], q.shape[1], n, dtype=torch.float32)
+    return (q.new_empty(b, hq, t, v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32),
+            q.new_empty(b, hq, n_obs, k.shape[2], dtype=torch.float32))
 
 
 def sink_lse(sinks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -192,8 +206,9 @@ def merge_two(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tup
 PARTIAL_REFERENCES = {
     torch.ops.kvpass.attend_part.default: attend_part_reference,
     torch.ops.kvpass.merge_parts.default: merge_parts_reference,
-    torch.ops.kvpass.part_weights.default: part_weights_reference,
+    torch.ops.kvpass.attend_part_observed.default: attend_part_observed_reference,
 }
 
-__all__ = ["PARTIAL_REFERENCES", "attend_part", "attend_part_reference", "merge_parts", "merge_parts_reference",
-           "merge_two", "part_mask", "part_weights", "part_weights_reference", "sink_lse"]
+__all__ = ["PARTIAL_REFERENCES", "attend_part", "attend_part_observed", "attend_part_observed_reference",
+           "attend_part_reference", "merge_parts", "merge_parts_reference", "merge_two", "merged_observation",
+           "part_mask", "sink_lse"]

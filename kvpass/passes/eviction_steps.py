@@ -16,10 +16,9 @@ which *variant* each step takes, chosen once in a :class:`SitePlan`:
                       only its own: a first forward attends to all its tokens, which every rank computed anyway)
 (e) attend            ``kvpass::attend``, ``attend_packed`` over a packed store, or ``attend`` over the keys and
                       values a model projects from its latent cache; a soft cap and sinks passed on as they are;
-                      continuing a store split over ranks: ``kvpass::attend_part`` over this rank's slots, an
-                      all-gather of every
-                      rank's (output, log-sum-exp), ``kvpass::merge_parts``, and ``kvpass::part_weights`` for the
-                      policy (each slot's weight normalized over the whole context)
+                      continuing a store split over ranks: ``kvpass::attend_part_observed`` over this rank's
+                      slots, an all-gather of every rank's (output, log-sum-exp), ``kvpass::merge_parts``; the
+                      policy's weights are the part's, rescaled by the merged log-sum-exp
 (f) observe           a block's observation-only tokens made dead for scoring and compaction; for EpiCache's
                       context scores, ``kvpass::context_scores`` of the observation queries over the rest
 (g) score             ``kvpass::score`` with the options' policy
@@ -45,6 +44,7 @@ import torch.fx as fx
 import kvpass.ops  # noqa: F401  (registers the kvpass::* ops used below)
 from kvpass.analysis import AttentionSite, UnsupportedGraph, node_value
 from kvpass.config import KVPassOptions
+from kvpass.ops.partial import merged_observation
 from kvpass.passes.blockwise_prefill import BlockInputs
 from kvpass.passes.context_split import ContextSplit
 from kvpass.policies import StreamingLLM, policy_from_spec
@@ -383,18 +383,21 @@ class _Steps:
         softcap = extra[0] if extra else 0.0
         sinks = extra[1] if len(extra) > 1 else None
         q_pos = self._query_positions
-        part = g(torch.ops.kvpass.attend_part.default, (site.q, keys, values, pos, q_pos, site.scale, site.window,
-                                                       softcap))
-        out_part, lse_part = (g(operator.getitem, (part, i)) for i in range(2))
+        part = g(torch.ops.kvpass.attend_part_observed.default,
+                 (site.q, keys, values, pos, q_pos, site.scale, plan.policy, site.window, softcap))
+        out_part, lse_part, observed = (g(operator.getitem, (part, i)) for i in range(3))
         packed = g(torch.cat, ([g(torch.Tensor.float, (out_part,)), g(torch.unsqueeze, (lse_part, -1))],), {"dim": -1})
         gathered = plan.split.all_gather(self.graph, packed)  # [ranks, B, H_q, T, D_v + 1]
         outs = g(operator.getitem, (gathered, (Ellipsis, slice(None, -1))))
         lses = g(operator.getitem, (gathered, (Ellipsis, -1)))
         merged = g(torch.ops.kvpass.merge_parts.default, (outs, lses, sinks))
         out = g(torch.Tensor.to, (g(operator.getitem, (merged, 0)), node_value(site.q).dtype))
-        lse = g(operator.getitem, (merged, 1))
-        obs = g(torch.ops.kvpass.part_weights.default, (site.q, keys, pos, q_pos, lse, site.scale, plan.policy,
-                                                       site.window, softcap))
+        rule = policy_from_spec(plan.policy)
+        if rule.needs_obs:  # this rank's slots weighed as the whole context's softmax weighs them
+            lse = g(operator.getitem, (merged, 1))
+            obs = g(merged_observation, (observed, lse_part, lse, rule.obs_reduce))
+        else:
+            obs = g(torch.flatten, (observed, 2, 3))  # [B, H_q, 0]: nothing observed
         if plan.fold_heads:
             out = g(torch.flatten, (out, 0, 1))
         return out, obs
