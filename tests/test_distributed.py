@@ -11,6 +11,7 @@ import traceback
 import pytest
 import torch
 import torch.multiprocessing as mp
+import transformers
 from conftest import tiny_model
 
 import kvpass
@@ -56,7 +57,7 @@ def run_ranks(world: int, job, *args, timeout: float = 420) -> list:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    failures = [v for v in got.values() if isinstance(v, str)]
+    failures = [v for v in got.values() if isinstance(v, str)]  # (a job returns a dict; a traceback is a str)
     assert not failures, failures[0]
     return [got[r] for r in range(world)]
 
@@ -179,6 +180,24 @@ def test_four_ranks_evicting_keep_what_one_process_keeps():
 
 
 # ----------------------------------------------------------------------------------------------- refusals
+
+def _adoption_job(rank: int, world: int) -> dict:
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 12))
+    cache = transformers.DynamicCache(config=model.config)
+    model(input_ids=ids, cache=cache, use_cache=True)  # filled without kvpass: not placed on ranks
+    model.forward = _compiled(model, budget=64, distribute="context")
+    try:
+        model(input_ids=ids[:, :1], cache=cache, position_ids=torch.tensor([[12]]), use_cache=True)
+    except UnsupportedGraph as err:
+        return {"refused": str(err)}
+    return {"refused": None}
+
+
+def test_a_store_kvpass_did_not_place_is_refused_not_attended_on_every_rank():
+    (got,) = run_ranks(1, _adoption_job)
+    assert "12 slots kvpass did not fill" in got["refused"] and "'distribute'" in got["refused"]
+
 
 def test_distribute_without_a_process_group_is_refused_by_name():
     model = tiny_model("llama")

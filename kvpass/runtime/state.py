@@ -77,6 +77,12 @@ def state_inputs(plans: Sequence[LayerPlan], args: Sequence, record: GraphRecord
         store = args[plan.past_index]
         state = store_state(store)
         if state is None or state.pos.shape != store.shape[:3]:
+            if record.counters.get("split_sites"):
+                raise UnsupportedGraph(
+                    f"kvpass: layer {plan.layer}'s cache holds {store.shape[2]} slots kvpass did not fill, but this "
+                    "step splits each layer's KV over ranks (option 'distribute'), and a store not placed by its rule "
+                    "would be attended on every rank. Fill the cache through the compiled model (its first forward "
+                    "places the prompt), or start from an empty cache")
             b, h, c, _ = store.shape
             pos = torch.arange(c, device=store.device).expand(b, h, c).contiguous()
             if packed:  # row r holds head r's tokens
