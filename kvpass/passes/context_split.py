@@ -64,7 +64,3 @@ class ContextSplit:
         gathered = g(torch.ops._c10d_functional.all_gather_into_tensor.default, (x, self.world, self.group_name))
         gathered = g(torch.ops._c10d_functional.wait_tensor.default, (gathered,))
         return g(torch.unflatten, (gathered, 0, (self.world, -1)))
-
-    def describe(self) -> str:
-        return (f"rank {self.rank} of {self.world}, positions dealt round-robin in runs of {self.placement_block} "
-                f"token(s)")
