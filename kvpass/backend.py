@@ -16,7 +16,7 @@ from kvpass.lowering import compile_graph, triton_lowering
 from kvpass.passes import InsertKVEviction, LayerPlan
 from kvpass.passes.block_graph import rewrite_blocks
 from kvpass.runtime.blockwise import BlockwiseRunner
-from kvpass.runtime.state import GraphRecord, attach_states, state_inputs, store_state
+from kvpass.runtime.state import GraphRecord, attach_states, lower_tiers, state_inputs, store_state
 
 
 def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None) -> Callable:
@@ -66,20 +66,23 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
         b, h, c, _ = store.shape
         state_examples += [torch.zeros(b, h, c, dtype=torch.int64), torch.zeros(b, h, c),
                            torch.zeros(b, dtype=torch.int64)]
+    tier_examples = _tier_examples(gm, plans)
     _detach_outputs(gm)
     decode = any(p.past_index is not None for p in plans)
     # inline the op references only where the step's query count is static (a decode step): the references
     # chunk queries with Python ranges, which a symbolic count cannot drive
     static_step = isinstance(node_value(sites[0].q).shape[2], int)
-    compiled = _compile(gm, [*example_inputs, *state_examples], opts, inline_ops=decode and static_step)
-    record = GraphRecord.of("decode" if decode else "prefill", opts.policy.spec(), sites, plans, rewrite.counters)
+    compiled = _compile(gm, [*example_inputs, *state_examples, *tier_examples], opts, inline_ops=decode and static_step)
+    record = GraphRecord.of("decode" if decode else "prefill", opts.policy.spec(), sites, plans, rewrite.counters,
+                            opts.offload)
     appended = node_value(sites[0].q).shape[2]
     # a multi-token forward over stores (a chat turn) is where a caller can lose count of a compressed cache's tokens
     continues = next((i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if "position_ids" in n.name), None)
     first_store = next((p for p in plans if p.past_index is not None), None)
     if not decode or first_store is None or first_store.static or appended == 1:
         continues = None
-    return StoreGraph(compiled, plans, n_outputs, store_outputs, record, opts.head_budgets == "adaptive", continues)
+    return StoreGraph(compiled, plans, n_outputs, store_outputs, record, opts.head_budgets == "adaptive", continues,
+                      opts.offload, opts.offload_dir)
 
 
 class StoreGraph:
@@ -88,8 +91,9 @@ class StoreGraph:
 
     def __init__(self, compiled: Callable, plans: list[LayerPlan], n_outputs: int,
                  store_outputs: dict[int, tuple[int, int]], record: GraphRecord, packed: bool,
-                 continues: int | None) -> None:
+                 continues: int | None, offload: str | None = None, offload_dir: str | None = None) -> None:
         self.compiled, self.plans, self.n_outputs, self.record, self.packed = compiled, plans, n_outputs, record, packed
+        self.offload, self.offload_dir = offload, offload_dir
         self.key_outputs = {layer: k for layer, (k, _) in store_outputs.items()}
         self.continues = continues  # index of position_ids, checked against the stores' counts (None: not checked)
         self.first_store = next((p for p in plans if p.past_index is not None), None)
@@ -98,12 +102,41 @@ class StoreGraph:
         state, previous = state_inputs(self.plans, args, self.record, self.packed)
         if self.continues is not None:
             check_continuation(args[self.continues], state[2], args[self.first_store.past_index].shape[2])
-        outs = self.compiled(*args, *state)
+        tiers = lower_tiers(self.plans, previous, args, self.offload, self.offload_dir)
+        outs = self.compiled(*args, *state, *(x for tier in tiers.values() for x in tier.inputs()))
         stores = {layer: outs[k] for layer, k in self.key_outputs.items()}
         # a StaticCache's buffers were written in place: the store is the input
         stores.update({p.layer: args[p.past_index] for p in self.plans if p.layer not in stores})
-        attach_states(self.plans, outs, self.n_outputs, stores, self.record, self.packed, previous)
+        attach_states(self.plans, outs, self.n_outputs, stores, self.record, self.packed, previous, tiers,
+                      self.offload, self.offload_dir)
         return outs[: self.n_outputs]
+
+
+def _tier_examples(gm: fx.GraphModule, plans: list[LayerPlan]) -> list:
+    """Examples of the lower tiers' inputs (k, v, pos, used per tiered layer continued): fake tensors whose slot count
+    is a fresh symbol, so a tier's growth never recompiles the graph."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    examples = []
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for plan in plans:
+        if not plan.tier_inputs:
+            continue
+        k = node_value(placeholders[plan.past_index])
+        fake_mode = k.fake_mode
+        shape_env = fake_mode.shape_env
+        hint = 256
+        symbol = shape_env.create_symbol(hint, ConstantSource(f"kvpass_tier_slots_{plan.layer}"),
+                                         dynamic_dim=DimDynamic.DYNAMIC)
+        slots = shape_env.create_symintnode(symbol, hint=hint)
+        b, h, _, d = k.shape
+        with fake_mode:
+            examples += [k.new_empty(b, h, slots, d, device="cpu"),
+                         k.new_empty(b, h, slots, plan.value_dim, device="cpu"),
+                         k.new_empty(b, h, slots, dtype=torch.int64, device="cpu"),
+                         k.new_empty((), dtype=torch.int64, device="cpu")]
+    return examples
 
 
 def _store_budgets(gm: fx.GraphModule, sites, example_inputs: list) -> dict[int, tuple[int, int]]:
@@ -166,11 +199,12 @@ def _compile_blockwise(gm: fx.GraphModule, example_inputs: list, sites, opts: KV
         with k.fake_mode:
             examples += [k.new_zeros(b, h, c, dtype=torch.int64), k.new_zeros(b, h, c, dtype=torch.float32),
                          k.new_zeros(b, dtype=torch.int64)]
+    examples += _tier_examples(gm, plans)
     _detach_outputs(gm)
     compiled = _compile(gm, examples, opts)
-    record = GraphRecord.of("prefill-block", opts.policy.spec(), sites, plans, rewritten.counters)
+    record = GraphRecord.of("prefill-block", opts.policy.spec(), sites, plans, rewritten.counters, opts.offload)
     return BlockwiseRunner(compiled, rewritten.layout, plans, opts.prefill_block, record,
-                           opts.head_budgets == "adaptive", n_outputs, store_outputs)
+                           opts.head_budgets == "adaptive", n_outputs, store_outputs, opts.offload, opts.offload_dir)
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list, opts, inline_ops: bool = False) -> Callable:

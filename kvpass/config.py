@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 from kvpass.errors import OptionError
@@ -36,6 +37,9 @@ class KVPassOptions:
     reserve: int = 0                  # slots past the budget that later forwards (questions, answers) fill first
     distribute: str | None = None     # "context": the KV is split over the ranks of torch.distributed's default group
     placement_block: int = 1          # distribute: tokens dealt to the ranks round-robin in runs of this many
+    offload: str | None = None        # "cpu" / "disk": what the store evicts goes to a lower tier, not dropped
+    offload_dir: str | None = None    # offload "disk": the directory of the lower tier's (memory-mapped) files
+    offload_attention: bool = False   # the lower tier's share of attention computed where it lives (InstInfer)
 
     def uuid(self) -> str:
         """A key that changes whenever an option changes (for compile caches)."""
@@ -53,6 +57,8 @@ class KVPassOptions:
                 "reserve": self.reserve,
                 "distribute": self.distribute,
                 "placement_block": self.placement_block,
+                "offload": self.offload,
+                "offload_attention": self.offload_attention,
             },
             sort_keys=True,
         )
@@ -74,8 +80,9 @@ class KVPassOptions:
 _POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate", "scores"}
 VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
               "reference_kernels", "head_budgets", "head_floor", "reserve", "distribute", "placement_block",
-              *sorted(_POLICY_KEYS))
+              "offload", "offload_dir", "offload_attention", *sorted(_POLICY_KEYS))
 DISTRIBUTE = ("context",)
+OFFLOAD = ("cpu", "disk")
 HEAD_BUDGETS = ("uniform", "adaptive")
 # Policies whose per-slot scores are softmax weights of the slot's own kv head, comparable across heads (Ada-KV's
 # premise). TOVA and StreamingLLM rank every head alike, and key norms are not comparable across heads.
@@ -160,8 +167,45 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
         raise OptionError(f"kvpass: option 'reserve' must be an int >= 0 (store slots past the budget that forwards "
                           f"after the prefill fill before anything is evicted), got {reserve!r}")
     distribute, placement_block = _distribute_options(options, prefill_block, head_budgets, reserve)
+    offload, offload_dir, offload_attention = _offload_options(options, head_budgets, distribute)
     return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes,
-                         reference_kernels, head_budgets, head_floor, reserve, distribute, placement_block)
+                         reference_kernels, head_budgets, head_floor, reserve, distribute, placement_block,
+                         offload, offload_dir, offload_attention)
+
+
+def _offload_options(options: dict[str, Any], head_budgets: str,
+                     distribute: str | None) -> tuple[str | None, str | None, bool]:
+    offload = options.get("offload")
+    if offload is not None and offload not in OFFLOAD:
+        raise OptionError(f"kvpass: option 'offload' must be one of {list(OFFLOAD)} (where the tokens a store evicts "
+                         f"go: host memory, or memory-mapped files in 'offload_dir'), got {offload!r}")
+    offload_dir = options.get("offload_dir")
+    if offload == "disk":
+        if not isinstance(offload_dir, str | os.PathLike) or not os.path.isdir(offload_dir):
+            raise OptionError(f"kvpass: option 'offload'='disk' keeps the lower tier in files in 'offload_dir', which "
+                             f"must be an existing directory; got offload_dir {offload_dir!r}")
+        offload_dir = os.fspath(offload_dir)
+    elif offload_dir is not None:
+        raise OptionError(f"kvpass: option 'offload_dir' ({offload_dir!r}) is where a disk tier's files go; it needs "
+                         f"'offload': 'disk', got offload {offload!r}")
+    offload_attention = options.get("offload_attention", False)
+    if not isinstance(offload_attention, bool):
+        raise OptionError(f"kvpass: option 'offload_attention' must be True or False, got {offload_attention!r}")
+    if offload_attention and offload is None:
+        raise OptionError("kvpass: option 'offload_attention'=True computes the lower tier's share of attention where "
+                         "it lives; it needs 'offload': 'cpu' or 'disk' (got no 'offload')")
+    if offload is not None and not offload_attention:
+        raise OptionError(
+            f"kvpass: option 'offload'={offload!r} keeps what the store evicts in a lower tier, which only attention "
+            "computed in place reads back so far: set 'offload_attention': True (retrieving the lower tier's chunks "
+            "into the device store, SentenceKV / LeoAM, is not built yet)")
+    if offload is not None:
+        clashes = {"distribute": distribute, "head_budgets": head_budgets if head_budgets != "uniform" else None}
+        given = {key: value for key, value in clashes.items() if value is not None}
+        if given:
+            raise OptionError(f"kvpass: option 'offload'={offload!r} does not combine with {given} yet; drop those "
+                             "options (no distribute, head_budgets 'uniform')")
+    return offload, offload_dir, offload_attention
 
 
 def _distribute_options(options: dict[str, Any], prefill_block: int | None, head_budgets: str,

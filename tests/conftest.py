@@ -66,6 +66,18 @@ def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0, **overrid
     return model_cls(cfg).eval()
 
 
+def family_model(arch: str):
+    """A tiny model of ``arch`` as the exactness tests across families use it: Gemma-3 with local layers (window 16,
+    shorter than their prompts) between full-attention layers; Mistral without its default 4096-token window (which
+    would leave every layer to HF)."""
+    if arch == "gemma3":
+        return tiny_model("gemma3", layers=4, head_dim=16, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"] * 2)
+    if arch == "mistral":
+        return tiny_model("mistral", sliding_window=None)
+    return tiny_model(arch)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     # Dynamo caches compiled frames per code object: without a reset, tests compiling the same HF

@@ -26,6 +26,8 @@ def script(name: str):
     ("many_conversations", ["--lockstep", "0"]),
     ("distributed_kv", ["--ranks", "0"]),
     ("distributed_kv", ["--rank-threads", "0"]),
+    ("offload", ["--budget", "0"]),
+    ("offload", ["--steps", "0"]),
 ])
 def test_benchmark_counts_must_be_positive(name, argv, capsys):
     with pytest.raises(SystemExit):
@@ -38,6 +40,12 @@ def test_distributed_profile_steps_may_be_zero_but_not_negative(capsys):
     with pytest.raises(SystemExit):
         script("distributed_kv").main(["--profile-steps", "-1"])
     assert "expected a non-negative integer, got -1" in capsys.readouterr().err
+
+
+def test_offload_rows_must_be_known_ones(capsys):
+    with pytest.raises(SystemExit):
+        script("offload").main(["--rows", "full,offload-gpu"])
+    assert "'offload-gpu'" in capsys.readouterr().err
 
 
 def test_llada_problems_may_be_zero_but_not_negative(capsys):

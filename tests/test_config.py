@@ -40,6 +40,16 @@ from kvpass.policies import POLICIES
         ({"policy": "snapkv", "budget": 8, "reserve": -1}, "-1"),
         ({"policy": "snapkv", "budget": 8, "reserve": 2.5}, "2.5"),
         ({"policy": "snapkv", "budget": 8, "scores": "context"}, "'scores'"),
+        ({"policy": "snapkv", "budget": 8, "offload": "gpu", "offload_attention": True}, "'gpu'"),
+        ({"policy": "snapkv", "budget": 8, "offload": "disk", "offload_attention": True}, "offload_dir None"),
+        ({"policy": "snapkv", "budget": 8, "offload": "disk", "offload_dir": "/no/such/dir", "offload_attention": True},
+         "'/no/such/dir'"),
+        ({"policy": "snapkv", "budget": 8, "offload_dir": "."}, "'.'"),
+        ({"policy": "snapkv", "budget": 8, "offload_attention": True}, "needs 'offload'"),
+        ({"policy": "snapkv", "budget": 8, "offload": "cpu", "offload_attention": "yes"}, "'yes'"),
+        ({"policy": "snapkv", "budget": 8, "offload": "cpu"}, "not built yet"),  # retrieval: SentenceKV, LeoAM
+        ({"policy": "snapkv", "budget": 8, "offload": "cpu", "offload_attention": True, "head_budgets": "adaptive"},
+         "'head_budgets': 'adaptive'"),
     ],
 )
 def test_bad_options_are_rejected_with_the_value_quoted(options, quoted):

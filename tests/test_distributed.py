@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import transformers
-from conftest import tiny_model
+from conftest import family_model, tiny_model
 
 import kvpass
 from kvpass.errors import OptionError, UnsupportedGraph
@@ -62,15 +62,6 @@ def run_ranks(world: int, job, *args, timeout: float = 420) -> list:
     return [got[r] for r in range(world)]
 
 
-def _model(arch: str):
-    if arch == "gemma3":  # local layers (window 16, shorter than the prompt) between full-attention layers
-        return tiny_model("gemma3", layers=4, head_dim=16, sliding_window=16,
-                          layer_types=["sliding_attention", "full_attention"] * 2)
-    if arch == "mistral":  # (its config's default 4096-token window would leave every layer to HF)
-        return tiny_model("mistral", sliding_window=None)
-    return tiny_model(arch)
-
-
 def _prompt(arch: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask; with two rows the second is left-padded by 5."""
     ids = torch.randint(3, 128, (batch, 37), generator=torch.Generator().manual_seed(len(arch)))
@@ -95,7 +86,7 @@ def _exactness_job(rank: int, world: int, archs: tuple[str, ...], budget: int) -
     results = {}
     for arch in archs:
         torch._dynamo.reset()
-        model = _model(arch)
+        model = family_model(arch)
         ids, mask = _prompt(arch, 2 if arch == "llama" else 1)
         ref = _generate(model, ids, mask)
         model.forward = _compiled(model, policy="snapkv", budget=budget, distribute="context")

@@ -66,10 +66,10 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
     for i, site in enumerate(sites):  # graph order is layer order, in prefill and decode graphs alike
         site.layer = i
     _refuse_unread_cache_writes(graph, sites, outputs, found_attention)
-    static_slots = {node_value(s.keys).shape[2] for s in sites if s.static_writes}
-    if len(static_slots) > 1:
+    static_slots = [node_value(s.keys).shape[2] for s in sites if s.static_writes]  # (SymInts do not hash)
+    if any(slots != static_slots[0] for slots in static_slots):
         raise UnsupportedGraph(
-            f"kvpass: the StaticCache's layers hold different numbers of slots {sorted(static_slots)} (sliding-window "
+            f"kvpass: the StaticCache's layers hold different numbers of slots {static_slots} (sliding-window "
             "layers?); kvpass supports a StaticCache of full-attention layers only — use the default DynamicCache"
         )
     if not sites:

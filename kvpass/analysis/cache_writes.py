@@ -82,8 +82,9 @@ def static_cache_site(call: AttentionCall, outputs: set[fx.Node],
         if call.sinks is not None:
             raise UnsupportedGraph(f"kvpass: attention at '{call.attn.name}' has learned attention sinks and writes a "
                                    "StaticCache; kvpass supports sinks with the default DynamicCache")
-        shapes = {tuple(node_value(n).shape) for n in (k_src, v_src)} if node_value(k_src) is not None else set()
-        if len(shapes) > 1:
+        # (a list: with dynamic=True the shapes hold SymInts, which do not hash)
+        shapes = [tuple(node_value(n).shape) for n in (k_src, v_src)] if node_value(k_src) is not None else []
+        if shapes and shapes[0] != shapes[1]:
             raise UnsupportedGraph(f"kvpass: StaticCache keys and values of '{call.attn.name}' differ in shape: "
                                    f"{shapes}")
         past_k, past_v = (n if n.op == "placeholder" else None for n in (k_src, v_src))

@@ -209,6 +209,27 @@ def kept_indices(rank: Tensor, n_keep: int) -> Tensor:
     return idx
 
 
+def evicted_indices(rank: Tensor, n_keep: int) -> Tensor:
+    """Indices (ascending) of the slots :func:`kept_indices` leaves out: the same ranking, the same ties."""
+    n_evict = rank.shape[-1] - n_keep
+    if n_evict > _FEW_EVICTIONS:
+        return rank.sort(dim=-1, descending=True, stable=True).indices[..., n_keep:].sort(dim=-1).values
+    if n_evict <= 0:
+        return rank.new_zeros(*rank.shape[:-1], 0, dtype=torch.int64)
+    if n_evict == 1:
+        return rank.argmin(dim=-1, keepdim=True)
+    return rank.topk(n_evict, dim=-1, largest=False).indices.sort(dim=-1).values
+
+
+def compact_ranks(pos: Tensor, keep: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """(dead, rank) of a compaction's candidates: ``dead`` the empty or padding slots and, with a sliding ``window``,
+    those no future query can see; ``rank`` the policy's ``keep`` score, ``-inf`` for the dead."""
+    dead = pos < 0
+    if window > 0:
+        dead = dead | (pos <= pos.amax(dim=-1, keepdim=True) - (window - 1))
+    return dead, keep.masked_fill(dead, float("-inf"))
+
+
 def gather_slots(x: Tensor, idx: Tensor) -> Tensor:
     """``x[b, h, idx[b, h, i], :]`` as whole-row copies (``gather`` with an expanded index is ~10x slower)."""
     b, h, n, d = x.shape
@@ -226,13 +247,8 @@ def compact_reference(
     or beyond the real tokens available, are empty (``pos = -1``; their K/V are never attended). With a sliding
     ``window``, tokens no future query can see (``window - 1`` or more behind the newest) are dropped.
     """
-    n = k.shape[2]
-    dead = pos < 0
-    if window > 0:
-        dead = dead | (pos <= pos.amax(dim=-1, keepdim=True) - (window - 1))
-    rank = keep.masked_fill(dead, float("-inf"))
-    n_keep = min(budget, n)
-    idx = kept_indices(rank, n_keep)
+    dead, rank = compact_ranks(pos, keep, window)
+    idx = kept_indices(rank, min(budget, k.shape[2]))
     kept_pos = pos.gather(2, idx).masked_fill(dead.gather(2, idx), -1)
     return pad_store(gather_slots(k, idx), gather_slots(v, idx), kept_pos, acc.gather(2, idx), capacity)
 

@@ -18,12 +18,16 @@ which *variant* each step takes, chosen once in a :class:`SitePlan`:
                       values a model projects from its latent cache; a soft cap and sinks passed on as they are;
                       continuing a store split over ranks: ``kvpass::attend_part_observed`` over this rank's
                       slots, an all-gather of every rank's (output, log-sum-exp), ``kvpass::merge_parts``; the
-                      policy's weights are the part's, rescaled by the merged log-sum-exp
+                      policy's weights are the part's, rescaled by the merged log-sum-exp; continuing a tiered
+                      store (option ``offload``): the same merge, of the device store's part with the lower tier's,
+                      computed where the tier lives (``kvpass::tier_attend``)
 (f) observe           a block's observation-only tokens made dead for scoring and compaction; for EpiCache's
                       context scores, ``kvpass::context_scores`` of the observation queries over the rest
 (g) score             ``kvpass::score`` with the options' policy
 (h) compact           ``kvpass::compact`` or ``compact_packed`` down to the budget (a forward continuing a store:
                       the budget plus the ``reserve``)
+(h') evicted          a tiered store: ``kvpass::evicted``, the candidates the compaction left out, returned for the
+                      lower tier (:mod:`kvpass.runtime.tier`)
 (i) store out         the compacted store replaces the cache write among the graph's outputs, or is copied
                       into the StaticCache's buffers in place
 ====================  ==================================================================================
@@ -90,6 +94,9 @@ class SitePlan:
     # (d'), (e) a context split over ranks: this rank keeps and attends to the positions it owns, merged over ranks
     split: ContextSplit | None = None
     store_slots: int = 0             # slots of the store this forward continues (0: a first forward)
+    # (e), (h') a tiered store (option offload): what the compaction evicts is returned for the lower tier, and a
+    # forward continuing the store attends to the lower tier where it lives, merged with the device store's part
+    offload: bool = False
 
     @property
     def attends_split(self) -> bool:
@@ -97,6 +104,12 @@ class SitePlan:
         tokens, which every rank computed: attending to all of them locally is exact and needs no collective
         (measured faster than gathering partials here: BENCHMARKS.md, "KV split over ranks")."""
         return self.split is not None and self.site.past_keys is not None
+
+    @property
+    def attends_tier(self) -> bool:
+        """(e) attention merged with the lower tier's: a forward continuing a tiered store. A first forward's lower tier
+        is empty (everything it evicts, it attended to itself)."""
+        return self.offload and self.site.past_keys is not None
 
     @classmethod
     def of(cls, site: AttentionSite, options: KVPassOptions, budget: int, capacity: int, block: BlockInputs | None,
@@ -117,6 +130,11 @@ class SitePlan:
         n_new = node_value(site.q).shape[2]
         has_store = site.past_keys is not None
         static = bool(site.static_writes)
+        if options.offload and (static or site.attn_keys is not None):
+            raise UnsupportedGraph(
+                f"kvpass: option 'offload'={options.offload!r} moves what a DynamicCache store evicts to a lower tier; "
+                f"layer {site.layer} {'writes a StaticCache' if static else 'keeps a latent cache (MLA)'}, which it "
+                "does not tier yet. Use the default DynamicCache (generate's) on a model with per-head keys and values")
         if static and block is not None:  # (BlockwisePrefill refuses these first)
             raise UnsupportedGraph("kvpass: block-wise prefill needs the default DynamicCache; layer "
                                    f"{site.layer} writes a StaticCache")
@@ -153,7 +171,8 @@ class SitePlan:
                    fold_heads=node_value(site.attn).dim() == 3, observe=block is not None,
                    block=options.prefill_block if block is not None else 0, context_scores=context_scores,
                    compaction="compact_packed" if packed else "compact", store_out=store_out, recency=recency,
-                   split=split, store_slots=node_value(site.past_keys).shape[2] if has_store else 0)
+                   split=split, store_slots=node_value(site.past_keys).shape[2] if has_store else 0,
+                   offload=options.offload is not None and not recency)
 
 
 @dataclasses.dataclass
@@ -184,6 +203,8 @@ class SiteRewrite:
     state_inputs: tuple[fx.Node, ...]
     store: Store
     seen: fx.Node
+    tier_inputs: tuple[fx.Node, ...] = ()     # stand-ins for the lower tier's k, v, pos, used (a tiered store's)
+    evicted: tuple[fx.Node, ...] = ()         # k, v, pos the compaction evicted, for the lower tier
 
 
 def rewrite_site(graph: fx.Graph, plan: SitePlan, block: BlockInputs | None) -> SiteRewrite:
@@ -201,12 +222,13 @@ def rewrite_site(graph: fx.Graph, plan: SitePlan, block: BlockInputs | None) -> 
         obs = steps.context_scores(keys, meta, obs)
         keep, acc_new = steps.score(obs, keys, meta)
         store = steps.compact(keys, values, meta, keep, acc_new)
+        evicted = steps.evicted(keys, values, meta, keep)
         steps.store_out(store)
     site.attn.replace_all_uses_with(out)
     graph.erase_node(site.attn)
     for write in site.static_writes or ():  # kvpass writes the buffers itself (or returns the store), after compaction
         graph.erase_node(write)
-    return SiteRewrite(state_inputs, store, meta.seen)
+    return SiteRewrite(state_inputs, store, meta.seen, steps.tier_inputs, evicted)
 
 
 class _Steps:
@@ -217,6 +239,7 @@ class _Steps:
         self.g = graph.call_function
         self._tokens_before: fx.Node | None = None
         self._query_positions: fx.Node | None = None  # (d') the new tokens' positions, before placement
+        self.tier_inputs: tuple[fx.Node, ...] = ()     # (e) stand-ins for the lower tier's inputs
 
     def candidates(self) -> tuple[fx.Node, fx.Node]:
         """(a) Keys and values ``[B, H_kv, N, D]`` the store is chosen from."""
@@ -305,7 +328,10 @@ class _Steps:
         site, plan, g = self.site, self.plan, self.g
         extra = self._softcap_and_sinks()
         if plan.attends_split:
-            return self._attend_split(keys, values, meta, extra)
+            return self._attend_parts(keys, values, meta, extra, self._query_positions, self._gathered)
+        if plan.attends_tier:
+            q_pos = g(operator.getitem, (meta.pos, (ALL, 0, slice(plan.store_slots, None))))
+            return self._attend_parts(keys, values, meta, extra, q_pos, self._with_tier)
         match plan.attention:
             case "attend":
                 attended = g(torch.ops.kvpass.attend.default,
@@ -368,6 +394,14 @@ class _Steps:
                                plan.head_floor))
         return Store(*(g(operator.getitem, (compacted, i)) for i in range(4)))
 
+    def evicted(self, keys: fx.Node, values: fx.Node, meta: Meta, keep: fx.Node) -> tuple[fx.Node, ...]:
+        """(h') A tiered store: the candidates the compaction left out (keys, values, positions), for the lower tier."""
+        plan, g = self.plan, self.g
+        if not plan.offload:
+            return ()
+        out = g(torch.ops.kvpass.evicted.default, (keys, values, meta.pos, keep, plan.keep, self.site.window))
+        return tuple(g(operator.getitem, (out, i)) for i in range(3))
+
     def store_out(self, store: Store) -> None:
         """(i) Where the cache gets the store."""
         site, graph = self.site, self.graph
@@ -383,10 +417,12 @@ class _Steps:
 
     # helpers of the steps
 
-    def _attend_split(self, keys: fx.Node, values: fx.Node, meta: Meta, extra: tuple) -> tuple[fx.Node, fx.Node]:
-        """(e) over a context split across ranks: this rank's partial attention, every rank's partials gathered in
-        one collective (output and log-sum-exp side by side, float32) and merged exactly; the policy's weights
-        normalized by the merged log-sum-exp, so each rank scores its slots as the unsplit softmax weighs them."""
+    def _attend_parts(self, keys: fx.Node, values: fx.Node, meta: Meta, extra: tuple, q_pos: fx.Node,
+                      other_parts) -> tuple[fx.Node, fx.Node]:
+        """(e) over a store split into parts: this forward's partial attention over its own slots, merged exactly with
+        the other parts' (output, log-sum-exp) that ``other_parts`` brings (every rank's, or the lower tier's); the
+        policy's weights normalized by the merged log-sum-exp, so the slots here are scored as the unsplit softmax
+        weighs them."""
         site, plan, g = self.site, self.plan, self.g
         pos = meta.pos
         if plan.attention == "latent":
@@ -394,18 +430,14 @@ class _Steps:
             pos = self._pos_per_head(pos, node_value(site.key_write).shape[1], node_value(site.attn_keys).shape[1])
         softcap = extra[0] if extra else 0.0
         sinks = extra[1] if len(extra) > 1 else None
-        q_pos = self._query_positions
         part = g(torch.ops.kvpass.attend_part_observed.default,
                  (site.q, keys, values, pos, q_pos, site.scale, plan.policy, site.window, softcap))
         out_part, lse_part, observed = (g(operator.getitem, (part, i)) for i in range(3))
-        packed = g(torch.cat, ([g(torch.Tensor.float, (out_part,)), g(torch.unsqueeze, (lse_part, -1))],), {"dim": -1})
-        gathered = plan.split.all_gather(self.graph, packed)  # [ranks, B, H_q, T, D_v + 1]
-        outs = g(operator.getitem, (gathered, (Ellipsis, slice(None, -1))))
-        lses = g(operator.getitem, (gathered, (Ellipsis, -1)))
+        outs, lses = other_parts(out_part, lse_part, q_pos, softcap)
         merged = g(torch.ops.kvpass.merge_parts.default, (outs, lses, sinks))
         out = g(torch.Tensor.to, (g(operator.getitem, (merged, 0)), node_value(site.q).dtype))
         rule = policy_from_spec(plan.policy)
-        if rule.needs_obs:  # this rank's slots weighed as the whole context's softmax weighs them
+        if rule.needs_obs:  # the slots here weighed as the whole store's softmax weighs them
             lse = g(operator.getitem, (merged, 1))
             obs = g(merged_observation, (observed, lse_part, lse, rule.obs_reduce))
         else:
@@ -413,6 +445,25 @@ class _Steps:
         if plan.fold_heads:
             out = g(torch.flatten, (out, 0, 1))
         return out, obs
+
+    def _gathered(self, out_part: fx.Node, lse_part: fx.Node, q_pos: fx.Node, softcap) -> tuple[fx.Node, fx.Node]:
+        """Every rank's (output, log-sum-exp), side by side in one float32 tensor, in one all-gather."""
+        g = self.g
+        packed = g(torch.cat, ([g(torch.Tensor.float, (out_part,)), g(torch.unsqueeze, (lse_part, -1))],), {"dim": -1})
+        gathered = self.plan.split.all_gather(self.graph, packed)  # [ranks, B, H_q, T, D_v + 1]
+        return (g(operator.getitem, (gathered, (Ellipsis, slice(None, -1)))),
+                g(operator.getitem, (gathered, (Ellipsis, -1))))
+
+    def _with_tier(self, out_part: fx.Node, lse_part: fx.Node, q_pos: fx.Node, softcap) -> tuple[fx.Node, fx.Node]:
+        """This part and the lower tier's, attended where the tier lives (``kvpass::tier_attend``) over the tier's
+        inputs (stand-ins here; the pass swaps them for graph inputs)."""
+        g, site = self.g, self.site
+        self.tier_inputs = tuple(g(torch.empty, ((0,),)) for _ in range(4))
+        tier_k, tier_v, tier_pos, used = self.tier_inputs
+        tier = g(torch.ops.kvpass.tier_attend.default,
+                 (site.q, tier_k, tier_v, tier_pos, used, q_pos, site.scale, site.window, softcap))
+        out_tier, lse_tier = (g(operator.getitem, (tier, i)) for i in range(2))
+        return g(torch.stack, ([out_part, out_tier],)), g(torch.stack, ([lse_part, lse_tier],))
 
     def _stand_ins(self) -> tuple[fx.Node, fx.Node, fx.Node]:
         """Placeholders for pos, acc, seen; the pass swaps them for graph inputs once every site is rewritten."""

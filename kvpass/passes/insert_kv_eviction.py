@@ -26,6 +26,12 @@ class LayerPlan:
     state_inputs: tuple[fx.Node, ...] = ()   # pos, acc, seen placeholders (decode graphs)
     state_outputs: tuple[fx.Node, ...] = ()  # pos, acc, seen after this forward
     static: bool = False            # the store is a StaticCache buffer, written in place
+    tier_inputs: tuple[fx.Node, ...] = ()     # a tiered store continued: the lower tier's k, v, pos, used inputs
+    evicted_outputs: tuple[fx.Node, ...] = ()  # a tiered store: k, v, pos the compaction evicted (for the lower tier)
+    value_dim: int = 0              # the values' head dim (a lower tier's value tensor is [B, H_kv, L, value_dim])
+    # a tiered store continued: bytes per query token and batch row between the device and the lower tier's attention
+    # (the query and its position there; the partial output and its log-sum-exp back)
+    tier_query_bytes: int = 0
 
 
 class InsertKVEviction:
@@ -83,6 +89,12 @@ class InsertKVEviction:
     positions this rank owns, in a store of its share of the budget (:meth:`ContextSplit.share`), and its attention is
     the exact merge of every rank's partial attention, gathered by a functional collective in the graph; counted as
     ``split_sites``. Sliding-window sites left to HF keep their whole window on every rank.
+
+    With option ``offload`` (a tiered store: :mod:`kvpass.ops.tier`) each rewritten site also returns what its
+    compaction evicted (``kvpass::evicted``: keys, values, positions), after every layer's metadata outputs, for its
+    lower tier; a forward continuing a store takes each layer's lower tier (``k, v, pos, used``) as inputs after the
+    metadata inputs, and its attention is the exact merge of the device store's part with the lower tier's, computed
+    where the tier lives (``kvpass::tier_attend``); counted as ``offload_sites``.
     """
 
     def __init__(self, options: KVPassOptions, prefill_budgets: dict[int, tuple[int, int]] | None = None) -> None:
@@ -96,7 +108,7 @@ class InsertKVEviction:
     def uuid(self) -> str:
         """Changes with the rewrite (its version) or the options: part of the compiled graph's cache key."""
         split = "" if self.split is None else f":rank{self.split.rank}of{self.split.world}:{self.split.group_name}"
-        return f"{type(self).__name__}:v3:{self.options.uuid()}{split}"
+        return f"{type(self).__name__}:v4:{self.options.uuid()}{split}"
 
     def __call__(self, graph: fx.Graph, sites: list[AttentionSite],
                  block: BlockInputs | None = None) -> list[LayerPlan]:
@@ -118,21 +130,19 @@ class InsertKVEviction:
                 f"{window - 1}-token window, above their budgets {sorted({b for _, b in above_budget})}: HF sizes "
                 "those layers' masks from its own token counter, so kvpass leaves them to HF (bounded by the "
                 "window) and compresses the full-attention layers", stacklevel=2)
-        # state inputs after the original inputs, in layer order (the backend relies on this order)
+        # state inputs after the original inputs, in layer order, then the lower tiers' (a tiered store continued)
+        # in layer order (the backend relies on this order)
         last = placeholders[-1]
         for plan in plans:
-            if plan.past_index is None:
-                continue
-            new = []
-            for name in ("pos", "acc", "seen"):
-                with graph.inserting_after(last):
-                    last = graph.placeholder(f"kvpass_{name}_{plan.layer}")
-                new.append(last)
-            for node, src in zip(new, plan.state_inputs, strict=True):
-                src.replace_all_uses_with(node)
-                graph.erase_node(src)
-            plan.state_inputs = tuple(new)
+            if plan.past_index is not None:
+                plan.state_inputs, last = _as_inputs(graph, last, plan.state_inputs,
+                                                     [f"kvpass_{name}_{plan.layer}" for name in ("pos", "acc", "seen")])
+        for plan in plans:
+            if plan.tier_inputs:
+                plan.tier_inputs, last = _as_inputs(graph, last, plan.tier_inputs, [
+                    f"kvpass_tier_{name}_{plan.layer}" for name in ("k", "v", "pos", "used")])
         extra = tuple(n for plan in plans for n in plan.state_outputs)
+        extra += tuple(n for plan in plans for n in plan.evicted_outputs)
         (outs,) = output.args
         output.args = (tuple(outs) + extra,)
         graph.lint()
@@ -163,19 +173,32 @@ class InsertKVEviction:
         else:
             budget, capacity = self.budget(site, n_layers, n_new, has_store)
         plan = SitePlan.of(site, self.options, budget, capacity, block, placeholders, self.split)
+        out = node_value(site.attn)  # (read before the rewrite replaces it)
+        value_dim, tier_query_bytes = out.shape[-1], self._tier_query_bytes(plan, out.shape[-1])
         done = rewrite_site(graph, plan, block)
         self._count(plan)
         store = done.store
         past_index = placeholders.index(site.past_keys) if has_store else None
         return LayerPlan(site.layer, budget, capacity, past_index, done.state_inputs, (store.pos, store.acc, done.seen),
-                         static=bool(site.static_writes))
+                         static=bool(site.static_writes), tier_inputs=done.tier_inputs, evicted_outputs=done.evicted,
+                         value_dim=value_dim, tier_query_bytes=tier_query_bytes)
+
+    @staticmethod
+    def _tier_query_bytes(plan: SitePlan, value_dim: int) -> int:
+        """Bytes per query token and batch row to and from the lower tier's attention: the query and its position
+        there, the partial output and its log-sum-exp back."""
+        if not plan.attends_tier:
+            return 0
+        q = node_value(plan.site.q)
+        heads, item = q.shape[1], q.element_size()
+        return heads * (q.shape[-1] + value_dim) * item + heads * 4 + 8
 
     def _count(self, plan: SitePlan) -> None:
         """Count one rewritten site: its extras, then its forward, its attention and its cache."""
         site = plan.site
         extras = {"sink_sites": site.sinks is not None, "latent_sites": plan.attention == "latent",
                   "head_adaptive_sites": plan.compaction == "compact_packed", "sliding_sites_carried": plan.recency,
-                  "split_sites": plan.split is not None}
+                  "split_sites": plan.split is not None, "offload_sites": plan.offload}
         forward = "block_sites" if plan.observe else "decode_sites" if site.past_keys is not None else "prefill_sites"
         static = ["static_cache_sites"] if site.static_writes else []
         for name in [*(name for name, on in extras.items() if on), forward, f"{site.kind}_sites", *static]:
@@ -241,3 +264,16 @@ class InsertKVEviction:
                 "cache that generate() sizes itself holds the whole sequence and would save nothing)"
             )
         return budgets[site.layer], slots
+
+
+def _as_inputs(graph: fx.Graph, last: fx.Node, stand_ins: tuple[fx.Node, ...],
+               names: list[str]) -> tuple[tuple[fx.Node, ...], fx.Node]:
+    """Swap ``stand_ins`` for new graph inputs named ``names``, placed after ``last``; (the inputs, the last one)."""
+    new = []
+    for name, src in zip(names, stand_ins, strict=True):
+        with graph.inserting_after(last):
+            last = graph.placeholder(name)
+        src.replace_all_uses_with(last)
+        graph.erase_node(src)
+        new.append(last)
+    return tuple(new), last

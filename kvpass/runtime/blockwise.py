@@ -27,6 +27,7 @@ from kvpass.passes import LayerPlan
 from kvpass.passes.block_graph import BlockLayout, TokenInput, split_prompt
 from kvpass.policies import policy_from_spec
 from kvpass.runtime.state import GraphRecord, attach_states
+from kvpass.runtime.tier import LowerTier
 
 # Token ids appended to every block of the prefills run in this context as observation-only queries (EpiCache's
 # patched prompt; a list: one prompt per batch row), "repeat" for a copy of the block itself (KVzip-style), or None:
@@ -66,7 +67,8 @@ class BlockwiseRunner:
     """Call a compiled block graph once per block, threading the stores and their metadata."""
 
     def __init__(self, compiled: Callable, layout: BlockLayout, plans: list[LayerPlan], block_size: int,
-                 record: GraphRecord, packed: bool, n_outputs: int, store_outputs: dict[int, tuple[int, int]]) -> None:
+                 record: GraphRecord, packed: bool, n_outputs: int, store_outputs: dict[int, tuple[int, int]],
+                 offload: str | None = None, offload_dir: str | None = None) -> None:
         self.compiled = compiled
         self.layout = layout
         self.plans = plans
@@ -75,6 +77,7 @@ class BlockwiseRunner:
         self.packed = packed
         self.n_outputs = n_outputs
         self.store_outputs = store_outputs  # layer -> output indices of its keys and values store
+        self.offload, self.offload_dir = offload, offload_dir  # option offload: each block's evictions go to a tier
         self._boxed: Callable | bool | None = None  # resolved on the first call
 
     def __call__(self, *args) -> list:
@@ -117,6 +120,7 @@ class BlockwiseRunner:
             stores += [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
             state += [torch.full(shape[:3], -1, dtype=torch.int64, device=device),
                       torch.zeros(shape[:3], device=device), torch.zeros(b, dtype=torch.int64, device=device)]
+        tiers = self._empty_tiers(b, device)
         pieces: dict[int, list[torch.Tensor]] = {i: [] for i in layout.token_outputs}
         outs: list = []
         for i in range(n_blocks):
@@ -133,12 +137,14 @@ class BlockwiseRunner:
             block_valid = valid[:, i * block : (i + 1) * block].contiguous()
             if n_obs:
                 block_valid = torch.nn.functional.pad(block_valid, (0, n_obs), value=False)
-            inputs = [*call, *stores, block_valid, observe, *state]
+            inputs = [*call, *stores, block_valid, observe, *state, *(x for t in tiers.values() for x in t.inputs())]
             call = stores = state = x = outs = None  # drop our references: the graph frees the old stores
             outs = self._call(inputs)
             for j, d in layout.token_outputs.items():
                 pieces[j].append(outs[j].narrow(d, 0, block))
-            stores, state = [], list(outs[self.n_outputs :])
+            n_state = self.n_outputs + 3 * len(self.plans)
+            stores, state = [], list(outs[self.n_outputs : n_state])
+            self._append_evicted(tiers, outs[n_state:])
             for plan in self.plans:
                 k_index, v_index = self.store_outputs[plan.layer]
                 stores += [outs[k_index], outs[v_index]]
@@ -162,8 +168,26 @@ class BlockwiseRunner:
         state = [x for i in evicted for x in outs[self.n_outputs + 3 * i : self.n_outputs + 3 * i + 3]]
         stores = {layer: outs[k] for layer, (k, _) in self.store_outputs.items()}
         attach_states([self.plans[i] for i in evicted], [*outs[: self.n_outputs], *state], self.n_outputs, stores,
-                      self.record, self.packed)
+                      self.record, self.packed, tiers=tiers)
         return outs[: self.n_outputs]
+
+    def _empty_tiers(self, b: int, device: torch.device) -> dict:
+        """Option offload: an empty lower tier per tiered layer (plan order), which every block's graph attends to."""
+        tiers = {}
+        for plan, (shape, dtype) in zip(self.plans, self.layout.stores, strict=True):
+            if plan.tier_inputs:
+                like_k = torch.empty(b, shape[1], 0, shape[3], dtype=dtype, device=device)
+                like_v = torch.empty(b, shape[1], 0, plan.value_dim, dtype=dtype, device=device)
+                tiers[plan.layer] = LowerTier.empty(self.offload, self.offload_dir, like_k, like_v)
+        return tiers
+
+    def _append_evicted(self, tiers: dict, evicted: list) -> None:
+        """What a block's compactions evicted (k, v, pos per tiered layer, plan order) into the lower tiers."""
+        parts = iter(evicted)
+        for plan in self.plans:
+            if plan.evicted_outputs:
+                tier = tiers[plan.layer]
+                tier.moved_bytes = tier.append(next(parts), next(parts), next(parts))
 
     def _windows_to_hf(self, outs: list, t: int) -> None:
         """Hand each sliding layer's store (its last ``window - 1`` real tokens, slots in any order) back in the layout

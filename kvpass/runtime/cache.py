@@ -11,8 +11,8 @@ Two things Hugging Face reads off a cache's tensors stop holding once kvpass kee
 
 A third: **batch-row operations** (beam search's ``reorder_cache``, ``batch_select_indices``,
 ``batch_repeat_interleave``) make new key tensors; the cache carries each store's kvpass state over to them, row for
-row (a plain ``DynamicCache`` would leave the new stores without it, and kvpass would take every slot for a token in
-position order).
+row, its lower tier included (option ``offload``; a plain ``DynamicCache`` would leave the new stores without it, and
+kvpass would take every slot for a token in position order).
 
 :class:`CompressedCache` answers all three, and is otherwise a ``DynamicCache``.
 """
@@ -73,8 +73,9 @@ class CompressedCache(DynamicCache):
         operation(argument)
         for layer, state in zip(self.layers, states, strict=True):
             if state is not None:
-                setattr(layer.keys, STATE_ATTR,
-                        dataclasses.replace(state, pos=rows(state.pos), acc=rows(state.acc), seen=rows(state.seen)))
+                tier = None if state.tier is None else state.tier.rows(rows)
+                setattr(layer.keys, STATE_ATTR, dataclasses.replace(
+                    state, pos=rows(state.pos), acc=rows(state.acc), seen=rows(state.seen), tier=tier))
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         if (torch.compiler.is_compiling() and layer_idx < len(self.layers)

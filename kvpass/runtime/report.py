@@ -25,6 +25,8 @@ class Explanation:
             lines.append(f"  graph {i} ({g['kind']}): {rewritten} of {len(g['sites'])} attention site(s) rewritten, "
                          f"counters {g['counters']}")
             lines += [f"    {line}" for line in _group_layers(g["sites"], g["budgets"])]
+            if g.get("tier"):
+                lines.append(f"    {g['tier']}")
         if self.adopted_stores:
             lines.append(f"  {self.adopted_stores} store(s) adopted from caches kvpass did not fill")
         return "\n".join(lines)
@@ -117,16 +119,23 @@ class LayerStats:
     kv_bytes: int            # bytes of keys + values held now
     head_tokens: list[int] | None = None  # real tokens per kv head, summed over batch (differ: head_budgets adaptive)
     tokens_seen: list[int] | None = None  # per batch row: tokens of the sequence so far, kept or evicted (real ones)
+    tier: str | None = None      # option offload: the lower tier's kind ("cpu" or "disk"), None without one
+    tier_tokens: int = 0         # real tokens in the lower tier, summed over batch and kv heads
+    tier_bytes: int = 0          # bytes of keys + values written to the lower tier
+    moved_bytes: int = 0         # bytes the last forward moved between the device and the lower tier
 
     def __str__(self) -> str:
         heads = "" if self.head_tokens is None else f" (per kv head {self.head_tokens})"
         seen = "" if self.tokens_seen is None else f", tokens seen {self.tokens_seen}"
+        tier = "" if self.tier is None else (f"; lower tier ({self.tier}): {self.tier_tokens} real tokens, "
+                                             f"{self.tier_bytes} bytes, {self.moved_bytes} bytes moved last forward")
         return (f"layer {self.layer}: {self.slots} slots, {self.kv_bytes} bytes, real tokens {self.real_tokens}{heads}"
-                f"{seen}")
+                f"{seen}{tier}")
 
 
 def kv_stats(cache: Any) -> list[LayerStats]:
-    """KV bytes held now, per layer, by a Hugging Face ``Cache`` (e.g. ``generate(...).cache``)."""
+    """KV bytes held now, per layer, by a Hugging Face ``Cache`` (e.g. ``generate(...).cache``); with option
+    ``offload``, also what each layer's lower tier holds and what the last forward moved to and from it."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"kvpass.kv_stats expects a transformers Cache with .layers, got {type(cache).__name__}")
@@ -140,5 +149,7 @@ def kv_stats(cache: Any) -> list[LayerStats]:
         heads = tokens_per_head(state.pos, state.packed).sum(dim=0).tolist() if state else None
         seen = state.seen.tolist() if state else None
         nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
-        stats.append(LayerStats(i, keys.shape[-2], None if heads is None else sum(heads), nbytes, heads, seen))
+        tier = state.tier if state else None
+        stats.append(LayerStats(i, keys.shape[-2], None if heads is None else sum(heads), nbytes, heads, seen,
+                                *((tier.kind, tier.real_tokens, tier.nbytes, tier.moved_bytes) if tier else ())))
     return stats

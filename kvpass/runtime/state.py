@@ -20,6 +20,7 @@ import torch
 from kvpass.errors import UnsupportedGraph
 from kvpass.ops import pack_positions
 from kvpass.passes import LayerPlan
+from kvpass.runtime.tier import LowerTier
 
 STATE_ATTR = "_kvpass_store_state"
 
@@ -36,12 +37,18 @@ class GraphRecord:
     forwards: int = 0              # forwards run through this graph
     adopted_stores: int = 0        # stores it received that kvpass had not produced (adopted as-is)
     compiled_at: int = dataclasses.field(default_factory=time.monotonic_ns)  # orders a model's graphs
+    tier: str | None = None        # option offload: where the evicted tokens go, and how they are read
 
     @classmethod
-    def of(cls, kind: str, policy: str, sites: list, plans: list[LayerPlan], counters: dict[str, int]) -> GraphRecord:
+    def of(cls, kind: str, policy: str, sites: list, plans: list[LayerPlan], counters: dict[str, int],
+           offload: str | None = None) -> GraphRecord:
         budgets = {plan.layer: plan.budget for plan in plans}
+        tier = None
+        if offload is not None:
+            where = "host memory" if offload == "cpu" else "memory-mapped files (offload 'disk')"
+            tier = f"evicted tokens kept in a lower tier in {where}, attended where they live (offload_attention)"
         return cls(kind, policy, [s.describe() + ("" if s.layer in budgets else ", HF's window kept") for s in sites],
-                   [budgets.get(s.layer, s.window - 1) for s in sites], dict(counters))
+                   [budgets.get(s.layer, s.window - 1) for s in sites], dict(counters), tier=tier)
 
 
 @dataclasses.dataclass(eq=False)
@@ -54,6 +61,9 @@ class StoreState:
     budget: int          # real tokens the store keeps
     packed: bool         # head_budgets "adaptive": slots belong to whichever head pos names
     graphs: tuple[GraphRecord, ...]  # the graphs that produced this store, in order (prefill, then decode)
+    # option offload: what this store evicted, kept in a lower tier (appended to in place by each forward: it belongs
+    # to the cache, so a branch of a conversation continues from a copy, e.g. copy.deepcopy(cache))
+    tier: LowerTier | None = None
 
 
 def store_state(keys: object) -> StoreState | None:
@@ -103,16 +113,50 @@ def state_inputs(plans: Sequence[LayerPlan], args: Sequence, record: GraphRecord
     return inputs, previous
 
 
+def lower_tiers(plans: Sequence[LayerPlan], previous: dict[int, StoreState], args: Sequence, kind: str | None,
+                directory: str | None) -> dict[int, LowerTier]:
+    """The lower tier of each tiered layer a forward continues (``plan.tier_inputs``), in plan order: the one its
+    store carries, or an empty one for a store kvpass adopted."""
+    tiers = {}
+    for plan in plans:
+        if not plan.tier_inputs:
+            continue
+        before = previous.get(plan.layer)
+        store = args[plan.past_index]
+        if before is not None and before.tier is not None:
+            tiers[plan.layer] = before.tier
+        else:
+            values = store.new_empty(*store.shape[:3], plan.value_dim)
+            tiers[plan.layer] = LowerTier.empty(kind, directory, store, values)
+    return tiers
+
+
 def attach_states(plans: Sequence[LayerPlan], outputs: Sequence, n_outputs: int, stores: dict[int, torch.Tensor],
-                  record: GraphRecord, packed: bool, previous: dict[int, StoreState] | None = None) -> None:
-    """Attach each layer's new metadata (the trailing ``outputs``) to the store it describes (``stores``)."""
+                  record: GraphRecord, packed: bool, previous: dict[int, StoreState] | None = None,
+                  tiers: dict[int, LowerTier] | None = None, offload: str | None = None,
+                  offload_dir: str | None = None) -> None:
+    """Attach each layer's new metadata (the trailing ``outputs``) to the store it describes (``stores``); append
+    what a tiered layer evicted (the outputs after the metadata, if any: the block runner appends each block's
+    itself) to its lower tier (from ``tiers``, or a new one of kind ``offload`` in ``offload_dir``)."""
     record.forwards += 1
     extra = outputs[n_outputs:]
     previous = previous or {}
+    tiers = dict(tiers or {})
+    evicted = iter(extra[3 * len(plans):])
+    appends = len(extra) > 3 * len(plans)
     for i, plan in enumerate(plans):
         pos, acc, seen = extra[3 * i : 3 * i + 3]
         before = previous.get(plan.layer)
         graphs = (record,) if before is None else before.graphs
         if record not in graphs:
             graphs = (*graphs, record)
-        setattr(stores[plan.layer], STATE_ATTR, StoreState(pos, acc, seen, plan.budget, packed, graphs))
+        tier = tiers.get(plan.layer)
+        if plan.evicted_outputs and appends:
+            k, v, ev_pos = next(evicted), next(evicted), next(evicted)
+            tier = tiers.get(plan.layer) or LowerTier.empty(offload, offload_dir, k, v, k.shape[2])
+            moved = tier.append(k, v, ev_pos)
+            if plan.tier_inputs:  # the queries went to the tier, a partial output and its log-sum-exp came back
+                queries = int((seen - before.seen).max()) if before is not None else 1
+                moved += seen.shape[0] * queries * plan.tier_query_bytes
+            tier.moved_bytes = moved
+        setattr(stores[plan.layer], STATE_ATTR, StoreState(pos, acc, seen, plan.budget, packed, graphs, tier))

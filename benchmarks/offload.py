@@ -1,0 +1,164 @@
+"""A tiered KV store whose lower tier attends in place (options ``offload`` + ``offload_attention``) against full KV
+and SnapKV at the same device budget: decode ms/token, device and lower-tier KV bytes, bytes moved per step, tokens.
+
+    python benchmarks/offload.py                                  # SmolLM2-135M, 8K context, device budget 1K
+    python benchmarks/offload.py --contexts 8192,32768 --budget 1024 --rows full,snapkv,offload-cpu,offload-disk
+
+Each row runs in a fresh process (so its peak RSS is its own) with ``--threads`` torch threads, compiled by kvpass
+with ``--compiler``; the prompt is the first ``context`` tokens of the Paul Graham essays. After the prefill and 3
+warm-up steps (which compile), ``--steps`` greedy decode steps are timed (median). Rows:
+
+* ``full``: kvpass keeping every token (budget = context + generated tokens): the uncompressed floor;
+* ``snapkv``: SnapKV keeping ``--budget`` tokens per layer (what is evicted is lost);
+* ``offload-cpu`` / ``offload-disk``: SnapKV choosing the ``--budget`` tokens the device store keeps, the rest in a
+  lower tier in host memory / memory-mapped files (in a temporary directory), attended in place and merged exactly.
+
+"moved/step" is what ``kvpass.kv_stats`` reports the last decode step moved between the device and the lower tiers
+(queries there, partial outputs and log-sum-exps back, the evicted token written), as a share of the lower tiers'
+KV bytes. On this CPU-only machine "device" and host are the same memory: the figures show the mechanism's cost and
+traffic, not a GPU's saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvpass.validate import choice, csv, positive_int
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+ROWS = ("full", "snapkv", "offload-cpu", "offload-disk")
+WARMUP = 3
+
+
+def run_row(row: dict) -> dict:
+    """Prefill, warm up, time ``steps`` decode steps; this row's figures."""
+    from kvpass.models import load
+    from kvpass.models.data.niah import corpus_ids
+
+    import kvpass
+
+    torch.set_num_threads(row["threads"])
+    model, tokenizer = load(row["model"])
+    n = row["context"]
+    ids = torch.tensor([corpus_ids(tokenizer)[:n]])
+    options = {"policy": "snapkv", "budget": row["budget"], "compiler": row["compiler"]}
+    with tempfile.TemporaryDirectory() as tier_dir:
+        if row["name"].startswith("offload"):
+            options.update(offload=row["name"].removeprefix("offload-"), offload_attention=True)
+            if options["offload"] == "disk":
+                options["offload_dir"] = tier_dir
+        forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
+        cache = kvpass.CompressedCache(config=model.config)
+        tokens: list[int] = []
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            logits = forward(input_ids=token, cache=cache, position_ids=torch.tensor([[n + len(tokens) - 1]]),
+                             use_cache=True).logits
+            return logits[:, -1:].argmax(-1)
+
+        with torch.inference_mode():
+            start = time.perf_counter()
+            logits = forward(input_ids=ids, cache=cache, position_ids=torch.arange(n)[None], use_cache=True,
+                             logits_to_keep=1).logits
+            prefill_s = time.perf_counter() - start
+            token = logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+            for _ in range(WARMUP):
+                token = step(token)
+                tokens.append(int(token))
+            times = []
+            for _ in range(row["steps"]):
+                t0 = time.perf_counter()
+                token = step(token)
+                times.append(time.perf_counter() - t0)
+                tokens.append(int(token))
+        stats = kvpass.kv_stats(cache)
+    return {
+        **row,
+        "prefill_with_compile_s": prefill_s,
+        "decode_ms": statistics.median(times) * 1000,
+        "device_kv_bytes": sum(s.kv_bytes for s in stats),
+        "tier_kv_bytes": sum(s.tier_bytes for s in stats),
+        "tier_tokens_per_layer_head": stats[0].tier_tokens // cache.layers[0].keys.shape[1],
+        "moved_bytes_per_step": sum(s.moved_bytes for s in stats),
+        "tokens": tokens,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def launch(row: dict) -> dict:
+    """Run ``row`` in a fresh process; its result."""
+    with tempfile.TemporaryDirectory() as out:
+        result = Path(out, "row.json")
+        cmd = [sys.executable, __file__, "--row", json.dumps(row), "--row-out", str(result)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(row["threads"])}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"row {row} failed")
+        return json.loads(result.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=choice(MODELS, "model"), default="smollm2-135m", help="(default: %(default)s)")
+    p.add_argument("--contexts", type=csv(positive_int), default=[8192], help="prompt lengths (default: 8192)")
+    p.add_argument("--budget", type=positive_int, default=1024, help="device tokens per layer (default: 1024)")
+    p.add_argument("--rows", type=csv(choice(ROWS, "row")), default=list(ROWS), help=f"rows among {ROWS}")
+    p.add_argument("--steps", type=positive_int, default=16, help="decode steps timed (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor", help="(default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("results/offload.json"), help="JSON output")
+    p.add_argument("--row", help=argparse.SUPPRESS)      # internal: run one row in this process
+    p.add_argument("--row-out", help=argparse.SUPPRESS)  # internal: where that row writes its result
+    args = p.parse_args(argv)
+    if args.row:
+        Path(args.row_out).write_text(json.dumps(run_row(json.loads(args.row))))
+        return 0
+    generated = 1 + WARMUP + args.steps
+    rows = []
+    for context in args.contexts:
+        for name in args.rows:
+            budget = context + generated if name == "full" else args.budget
+            row = {"model": args.model, "context": context, "name": name, "budget": budget, "steps": args.steps,
+                   "compiler": args.compiler, "threads": args.threads}
+            result = launch(row)
+            full = next((r for r in rows if r["context"] == context and r["name"] == "full"), None)
+            snap = next((r for r in rows if r["context"] == context and r["name"] == "snapkv"), None)
+            result["same_tokens_as_full"] = None if full is None else result["tokens"] == full["tokens"]
+            result["decode_vs_full"] = None if full is None else result["decode_ms"] / full["decode_ms"]
+            result["decode_vs_snapkv"] = None if snap is None else result["decode_ms"] / snap["decode_ms"]
+            tier = result["tier_kv_bytes"]
+            result["moved_share_of_tier"] = result["moved_bytes_per_step"] / tier if tier else None
+            rows.append(result)
+            moved = "" if not tier else (f"  moved/step {result['moved_bytes_per_step'] / 2**10:7.1f} KiB "
+                                         f"({result['moved_share_of_tier']:.3%} of the tier)")
+            ratios = "".join(f"  {result[key]:.2f}x {what}" for key, what in
+                             (("decode_vs_full", "full"), ("decode_vs_snapkv", "snapkv")) if result[key] is not None)
+            print(f"ctx {context:>6} {name:<12} decode {result['decode_ms']:7.1f} ms/tok{ratios}  device KV "
+                  f"{result['device_kv_bytes'] / 2**20:6.1f} MiB  tier {tier / 2**20:6.1f} MiB{moved}  "
+                  f"tokens = full {result['same_tokens_as_full']}  prefill+compile "
+                  f"{result['prefill_with_compile_s']:.0f} s  peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB",
+                  flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}", "load_avg_end": os.getloadavg()}
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""kvpass::evicted and kvpass::tier_attend: the device store and the lower tier partition a layer's candidates, and
+attention over the device part merged with the lower tier's (computed where it lives) is full attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_ops_partial import full_attention, make_case
+
+from kvpass.ops import REFERENCES
+from kvpass.ops.kv import compact_reference
+from kvpass.ops.partial import attend_part_reference, merge_parts_reference
+from kvpass.ops.tier import TIER_REFERENCES, evicted_reference, tier_attend_reference
+
+
+def candidates(seed: int, n: int, window_dead: bool = False) -> dict:
+    """A compaction's inputs over ``n`` candidates: some empty slots, random scores with ties."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, d = 2, 3, 4
+    pos = torch.arange(n).expand(b, h, n).clone()
+    pos[torch.rand(b, h, n, generator=gen) < 0.2] = -1
+    keep = torch.randint(0, 4, (b, h, n), generator=gen).float()  # ties on purpose
+    return dict(k=torch.randn(b, h, n, d, generator=gen), v=torch.randn(b, h, n, d + 2, generator=gen), pos=pos,
+                keep=keep)
+
+
+@pytest.mark.parametrize("n, budget", [(12, 12), (12, 11), (12, 9), (40, 8), (40, 39), (5, 8)])
+@pytest.mark.parametrize("window", [0, 6])
+def test_evicted_and_kept_partition_the_real_candidates(n, budget, window):
+    case = candidates(n + budget + window, n)
+    kept_k, kept_v, kept_pos, _ = compact_reference(case["k"], case["v"], case["pos"], case["keep"],
+                                                    torch.zeros_like(case["keep"]), budget, max(budget, n), window)
+    ev_k, ev_v, ev_pos = evicted_reference(case["k"], case["v"], case["pos"], case["keep"], budget, window)
+    assert ev_k.shape[2] == max(n - budget, 0)
+    newest = case["pos"].amax(dim=-1, keepdim=True)
+    for b in range(2):
+        for h in range(3):
+            real = case["pos"][b, h]
+            real = real[real >= 0]
+            if window:  # tokens no future query can see are dropped from both
+                real = real[real > newest[b, h, 0] - (window - 1)]
+            kept = kept_pos[b, h][kept_pos[b, h] >= 0].tolist()
+            gone = ev_pos[b, h][ev_pos[b, h] >= 0].tolist()
+            assert not set(kept) & set(gone)
+            assert sorted(kept + gone) == sorted(real.tolist())
+            for p in gone:  # each evicted slot carries its own key and value
+                slot = int((case["pos"][b, h] == p).nonzero()[0, 0])
+                i = gone.index(p)
+                assert torch.equal(ev_k[b, h][ev_pos[b, h] >= 0][i], case["k"][b, h, slot])
+                assert torch.equal(ev_v[b, h][ev_pos[b, h] >= 0][i], case["v"][b, h, slot])
+
+
+def test_device_part_merged_with_the_tier_part_is_full_attention():
+    case = make_case(3, c=30, t=4)
+    n = case["k"].shape[2]
+    on_tier = torch.zeros(n, dtype=torch.bool)
+    on_tier[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:20]] = True
+    on_tier[-4:] = False  # the new tokens are on the device
+    # the lower tier: its slots, then unwritten ones (garbage that must never be read)
+    tier_k = torch.cat([case["k"][:, :, on_tier], torch.full_like(case["k"][:, :, :7], float("nan"))], dim=2)
+    tier_v = torch.cat([case["v"][:, :, on_tier], torch.full_like(case["v"][:, :, :7], float("nan"))], dim=2)
+    tier_pos = torch.cat([case["k_pos"][:, :, on_tier], torch.full_like(case["k_pos"][:, :, :7], 5)], dim=2)
+    used = torch.tensor(int(on_tier.sum()))
+    out_t, lse_t = tier_attend_reference(case["q"], tier_k, tier_v, tier_pos, used, case["q_pos"], case["scale"])
+    out_d, lse_d = attend_part_reference(case["q"], case["k"][:, :, ~on_tier], case["v"][:, :, ~on_tier],
+                                         case["k_pos"][:, :, ~on_tier], case["q_pos"], case["scale"])
+    out, lse = merge_parts_reference(torch.stack([out_d, out_t]), torch.stack([lse_d, lse_t]))
+    want, _ = full_attention(**case)
+    real = case["q_pos"] >= 0
+    torch.testing.assert_close(out.double()[real[:, None].expand_as(out[..., 0])],
+                               want[real[:, None].expand_as(want[..., 0])], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_tier_ops_pass_opcheck_and_only_evicted_is_inlined():
+    case = candidates(1, 10)
+    torch.library.opcheck(torch.ops.kvpass.evicted.default, (case["k"], case["v"], case["pos"], case["keep"], 6, 0))
+    c = make_case(2)
+    tier = (c["k"], c["v"], c["k_pos"], torch.tensor(c["k"].shape[2] - 3))
+    torch.library.opcheck(torch.ops.kvpass.tier_attend.default, (c["q"], *tier, c["q_pos"], c["scale"]))
+    assert torch.ops.kvpass.evicted.default in REFERENCES and set(TIER_REFERENCES) <= set(REFERENCES)
+    assert torch.ops.kvpass.tier_attend.default not in REFERENCES  # runs where the tier lives, never inlined
