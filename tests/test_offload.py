@@ -6,6 +6,7 @@ any budget the outputs are the uncompressed model's: same greedy tokens, fp32 lo
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -146,6 +147,24 @@ def test_caches_interleaved_step_by_step_each_give_what_they_give_alone():
         assert float((torch.stack(logits) - want).abs().max()) < 1e-5
     tiers = [c.layers[0].keys._kvpass_store_state.tier for c in caches]
     assert tiers[0] is not tiers[1] and [t.used for t in tiers] == [30 + 6 - 8, 45 + 6 - 8]
+
+
+def test_a_conversation_branches_from_a_deep_copy_of_its_cache():
+    """The lower tier is appended to in place: two continuations of one compressed context each start from a copy."""
+    model = tiny_model("llama")
+    ids = _prompt(1, 30, seed=4)[0]
+    branches = [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 10]])]
+    alone = []
+    for extra in branches:  # plain HF, the whole sequence at once
+        alone.append(model(input_ids=torch.cat([ids, extra], dim=1)).logits[:, -1])
+    _compile(model)
+    cache = kvpass.CompressedCache(config=model.config)
+    _step(model, cache, ids, 0)
+    copies = [copy.deepcopy(cache) for _ in branches]
+    for extra, branch, want in zip(branches, copies, alone, strict=True):
+        assert float((_step(model, branch, extra, ids.shape[1]) - want).abs().max()) < 1e-5
+    tiers = [c.layers[0].keys._kvpass_store_state.tier for c in (cache, *copies)]
+    assert [t.used for t in tiers] == [30 - 8, 30 + 3 - 8, 30 + 2 - 8]  # the original is untouched
 
 
 def test_beam_search_moves_each_rows_lower_tier_with_its_row():
