@@ -141,7 +141,7 @@ def attach_states(plans: Sequence[LayerPlan], outputs: Sequence, n_outputs: int,
     record.forwards += 1
     extra = outputs[n_outputs:]
     previous = previous or {}
-    tiers = dict(tiers or {})
+    tiers = tiers or {}
     evicted = iter(extra[3 * len(plans):])
     appends = len(extra) > 3 * len(plans)
     for i, plan in enumerate(plans):
