@@ -11,7 +11,14 @@ warm-up steps (which compile), ``--steps`` greedy decode steps are timed (median
 * ``full``: kvpass keeping every token (budget = context + generated tokens): the uncompressed floor;
 * ``snapkv``: SnapKV keeping ``--budget`` tokens per layer (what is evicted is lost);
 * ``offload-cpu`` / ``offload-disk``: SnapKV choosing the ``--budget`` tokens the device store keeps, the rest in a
-  lower tier in host memory / memory-mapped files (in a temporary directory), attended in place and merged exactly.
+  lower tier in host memory / memory-mapped files (in a temporary directory), attended in place and merged exactly;
+* ``sentencekv-cpu`` / ``sentencekv-disk``: SentenceKV attending ``--budget`` tokens per step (32 sinks and 32 recent
+  in the device store, the rest gathered from the lower tier by sentence), SnapKV keeping ``3 x budget`` at prefill;
+* ``sentencekv-inplace-cpu``: the same with ``offload_attention``: the retrieved tokens attended where the tier lives;
+* ``sentencekv-all-cpu``: ``sentencekv-cpu`` with ``semantic_factor`` 0 (the lower tier keeps every token).
+
+SentenceKV's steps differ: while a generated sentence is at most one token long a step attends to every kept token
+(the lower tier in place), otherwise it retrieves; the median step is a retrieving one, the mean counts both.
 
 "moved/step" is what ``kvpass.kv_stats`` reports the last decode step moved between the device and the lower tiers
 (queries there, partial outputs and log-sum-exps back, the evicted token written), as a share of the lower tiers'
@@ -38,7 +45,8 @@ import torch
 from kvpass.validate import choice, csv, positive_int
 
 MODELS = ("smollm2-135m", "gemma3-270m")
-ROWS = ("full", "snapkv", "offload-cpu", "offload-disk")
+ROWS = ("full", "snapkv", "offload-cpu", "offload-disk", "sentencekv-cpu", "sentencekv-disk", "sentencekv-inplace-cpu",
+        "sentencekv-all-cpu")
 WARMUP = 3
 
 
@@ -55,10 +63,14 @@ def run_row(row: dict) -> dict:
     ids = torch.tensor([corpus_ids(tokenizer)[:n]])
     options = {"policy": "snapkv", "budget": row["budget"], "compiler": row["compiler"]}
     with tempfile.TemporaryDirectory() as tier_dir:
-        if row["name"].startswith("offload"):
-            options.update(offload=row["name"].removeprefix("offload-"), offload_attention=True)
+        if row["name"].startswith(("offload", "sentencekv")):
+            in_place = row["name"].startswith("offload") or "-inplace" in row["name"]
+            options.update(offload=row["name"].rpartition("-")[2], offload_attention=in_place)
             if options["offload"] == "disk":
                 options["offload_dir"] = tier_dir
+        if row["name"].startswith("sentencekv"):
+            options.update(policy="sentencekv", sentence_ends=kvpass.sentence_end_ids(tokenizer),
+                           semantic_factor=0 if row["name"].startswith("sentencekv-all") else 3)
         forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
         cache = kvpass.CompressedCache(config=model.config)
         tokens: list[int] = []
@@ -89,6 +101,7 @@ def run_row(row: dict) -> dict:
         **row,
         "prefill_with_compile_s": prefill_s,
         "decode_ms": statistics.median(times) * 1000,
+        "decode_mean_ms": statistics.fmean(times) * 1000,
         "device_kv_bytes": sum(s.kv_bytes for s in stats),
         "tier_kv_bytes": sum(s.tier_bytes for s in stats),
         "tier_tokens_per_layer_head": stats[0].tier_tokens // cache.layers[0].keys.shape[1],
@@ -147,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                                          f"({result['moved_share_of_tier']:.3%} of the tier)")
             ratios = "".join(f"  {result[key]:.2f}x {what}" for key, what in
                              (("decode_vs_full", "full"), ("decode_vs_snapkv", "snapkv")) if result[key] is not None)
-            print(f"ctx {context:>6} {name:<12} decode {result['decode_ms']:7.1f} ms/tok{ratios}  device KV "
+            print(f"ctx {context:>6} {name:<18} decode {result['decode_ms']:7.1f} ms/tok (mean "
+                  f"{result['decode_mean_ms']:.1f}){ratios}  device KV "
                   f"{result['device_kv_bytes'] / 2**20:6.1f} MiB  tier {tier / 2**20:6.1f} MiB{moved}  "
                   f"tokens = full {result['same_tokens_as_full']}  prefill+compile "
                   f"{result['prefill_with_compile_s']:.0f} s  peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB",

@@ -23,6 +23,12 @@ questions, which EpiCache targets. Methods:
   the LM's mean input embedding,
 * ``epicache-layers``: ``epicache`` with EpiCache's adaptive layer budgets (:mod:`kvpass.apps.layer_profile`, profiled
   once on ``--profile-tokens`` tokens of the essays; the same total budget).
+* ``sentencekv``: SentenceKV (policy ``sentencekv``) over a host-memory lower tier: ``budget`` tokens attended per step
+  (32 sinks and 32 recent on the device, the rest retrieved by sentence), SnapKV keeping ``3 x budget`` at prefill;
+  the question is one forward (kvpass attends it to every kept token),
+* ``sentencekv-stepwise``: the same, the question fed one token per forward as the reference's decode loop does
+  (each token then retrieves by its sentence's mean query),
+* ``sentencekv-all``: ``sentencekv`` with ``semantic_factor`` 0: the lower tier keeps every token (kvpass's option).
 
 Accuracy, the share of the answer-bearing span (needle / planted fact) still held after compression, and for
 ``epicache`` whether the question was routed to an episode holding its fact, go to ``--out``/results.json
@@ -49,7 +55,8 @@ import torch
 from kvpass.validate import ArgType, csv, fraction, positive_int
 
 METHODS = ("full", "streaming_llm", "snapkv", "h2o", "snapkv-block", "h2o-block", "repeat-block", "epicache",
-           "epicache-forward", "epicache-minilm", "epicache-layers")
+           "epicache-forward", "epicache-minilm", "epicache-layers", "sentencekv", "sentencekv-all",
+           "sentencekv-stepwise")
 HEADS = "+heads"  # method suffix: option head_budgets "adaptive" (policies that score by attention)
 
 
@@ -112,6 +119,9 @@ def _span_kept(ctx, span: list[int]) -> float:
     held = []
     for state in _states(ctx):
         pos, head = slot_heads(state.pos, state.packed)
+        if state.tier is not None:  # a tiered store holds its lower tier's tokens too
+            pos = torch.cat([pos, state.tier.pos[:, :, : state.tier.used].to(pos.device)], dim=2)
+            head = torch.arange(pos.shape[1], device=pos.device).view(1, -1, 1).expand_as(pos)
         held += [torch.isin(torch.arange(*span), pos[b][head[b] == h]).float().mean()
                  for b in range(pos.shape[0]) for h in range(pos.shape[1])]
     return float(torch.stack(held).mean())
@@ -137,10 +147,16 @@ def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict
     heads = method.endswith(HEADS)
     method = method.removesuffix(HEADS)
     policy = {"repeat-block": "epicache", "full": "streaming_llm", "epicache-layers": "epicache",
-              "epicache-minilm": "epicache", "epicache-forward": "epicache"}.get(
-        method, method.removesuffix("-block"))
+              "epicache-minilm": "epicache", "epicache-forward": "epicache", "sentencekv-all": "sentencekv",
+              "sentencekv-stepwise": "sentencekv"}.get(method, method.removesuffix("-block"))
     # every method appends question and answer without evicting (kvpress's protocol, EpiCache's reference)
     options = {"policy": policy, "budget": budget, "compiler": args.compiler, "reserve": args.reserve}
+    if policy == "sentencekv":  # its device store is exactly sinks + recent: nothing reserved
+        from kvpass import sentence_end_ids
+
+        options.update(reserve=0, offload="cpu", offload_attention=True,
+                       sentence_ends=sentence_end_ids(tokenizer),
+                       semantic_factor=0 if method == "sentencekv-all" else 3)
     if heads:
         options["head_budgets"] = "adaptive"
     elif policy == "epicache":  # EpiCache's default is the reference's "pair" heads; +heads names it for the others
@@ -299,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
                         held = [i for i, (s, e) in enumerate(segments) if s < span[1] and span[0] < e]
                         routed_ok = bool(epi.route(q_ids) in {int(epi.labels[i]) for i in held})
                     else:
-                        tokens = answer(forward, model, ctx, q_ids, sample.max_new_tokens, stop)
+                        tokens = answer(forward, model, ctx, q_ids, sample.max_new_tokens, stop,
+                                        token_by_token=method == "sentencekv-stepwise")
                         used = ctx
                     kept = _span_kept(used, span)
                     ratio = _row_per_head_ratio(used)

@@ -12,13 +12,13 @@ from typing import Any
 
 from kvpass.config import KVPassOptions, parse_options
 from kvpass.errors import KVPassError, OptionError, UnsupportedGraph
-from kvpass.policies import POLICIES
+from kvpass.policies import POLICIES, sentence_end_ids
 from kvpass.runtime.blockwise import observing
 from kvpass.runtime.report import explain, kv_stats
 
 __version__ = "0.1.0"
 __all__ = ["POLICIES", "CompressedCache", "KVPassError", "KVPassOptions", "OptionError", "UnsupportedGraph", "explain",
-           "export", "kv_stats", "load", "observing", "parse_options"]
+           "export", "kv_stats", "load", "observing", "parse_options", "sentence_end_ids"]
 
 
 def export(model: Any, out: str | os.PathLike, **kwargs: Any) -> Path:

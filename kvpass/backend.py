@@ -15,7 +15,9 @@ from kvpass.errors import UnsupportedGraph
 from kvpass.lowering import compile_graph, triton_lowering
 from kvpass.passes import InsertKVEviction, LayerPlan
 from kvpass.passes.block_graph import rewrite_blocks
+from kvpass.policies.sentencekv import SentenceKV
 from kvpass.runtime.blockwise import BlockwiseRunner
+from kvpass.runtime.sentences import advance_sentences, attends_every_token, check_batch, sentence_inputs
 from kvpass.runtime.state import GraphRecord, attach_states, lower_tiers, state_inputs, store_state
 
 
@@ -66,7 +68,7 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
         b, h, c, _ = store.shape
         state_examples += [torch.zeros(b, h, c, dtype=torch.int64), torch.zeros(b, h, c),
                            torch.zeros(b, dtype=torch.int64)]
-    tier_examples = _tier_examples(gm, plans)
+    tier_examples = _tier_examples(gm, plans) + _retrieval_examples(gm, plans)
     _detach_outputs(gm)
     decode = any(p.past_index is not None for p in plans)
     # inline the op references only where the step's query count is static (a decode step): the references
@@ -81,8 +83,10 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
     first_store = next((p for p in plans if p.past_index is not None), None)
     if not decode or first_store is None or first_store.static or appended == 1:
         continues = None
+    sentences = opts.policy if opts.policy.name == "sentencekv" else None
+    ids_index = next((i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if "input_ids" in n.name), None)
     return StoreGraph(compiled, plans, n_outputs, store_outputs, record, opts.head_budgets == "adaptive", continues,
-                      opts.offload, opts.offload_dir)
+                      opts.offload, opts.offload_dir, sentences, ids_index)
 
 
 class StoreGraph:
@@ -91,9 +95,11 @@ class StoreGraph:
 
     def __init__(self, compiled: Callable, plans: list[LayerPlan], n_outputs: int,
                  store_outputs: dict[int, tuple[int, int]], record: GraphRecord, packed: bool,
-                 continues: int | None, offload: str | None = None, offload_dir: str | None = None) -> None:
+                 continues: int | None, offload: str | None = None, offload_dir: str | None = None,
+                 sentences: SentenceKV | None = None, ids_index: int | None = None) -> None:
         self.compiled, self.plans, self.n_outputs, self.record, self.packed = compiled, plans, n_outputs, record, packed
         self.offload, self.offload_dir = offload, offload_dir
+        self.sentences, self.ids_index = sentences, ids_index  # policy "sentencekv": its rules, where the token ids are
         self.key_outputs = {layer: k for layer, (k, _) in store_outputs.items()}
         self.continues = continues  # index of position_ids, checked against the stores' counts (None: not checked)
         self.first_store = next((p for p in plans if p.past_index is not None), None)
@@ -103,13 +109,50 @@ class StoreGraph:
         if self.continues is not None:
             check_continuation(args[self.continues], state[2], args[self.first_store.past_index].shape[2])
         tiers = lower_tiers(self.plans, previous, args, self.offload, self.offload_dir)
-        outs = self.compiled(*args, *state, *(x for tier in tiers.values() for x in tier.inputs()))
+        ids, attends_all = None, True
+        if self.sentences is not None:
+            ids = args[self.ids_index] if self.ids_index is not None else None
+            check_batch(ids)
+            attends_all = attends_every_token(self.plans, previous, ids)
+        retrieval = sentence_inputs(self.plans, previous, attends_all)
+        outs = self.compiled(*args, *state, *(x for tier in tiers.values() for x in tier.inputs(attends_all)),
+                             *retrieval)
         stores = {layer: outs[k] for layer, k in self.key_outputs.items()}
         # a StaticCache's buffers were written in place: the store is the input
         stores.update({p.layer: args[p.past_index] for p in self.plans if p.layer not in stores})
+        used = {layer: tier.used for layer, tier in tiers.items()}
         attach_states(self.plans, outs, self.n_outputs, stores, self.record, self.packed, previous, tiers,
                       self.offload, self.offload_dir)
+        if self.sentences is not None:
+            advance_sentences(self.sentences, self.plans, outs, self.n_outputs, stores, previous, used, ids,
+                              retrieved=bool(retrieval) and not attends_all)
         return outs[: self.n_outputs]
+
+
+def _retrieval_examples(gm: fx.GraphModule, plans: list[LayerPlan]) -> list:
+    """Examples of SentenceKV's inputs per layer continued (abstracts, runs, query sum and count, skip): fake tensors
+    whose sentence count is a fresh symbol, so new sentences never recompile the graph."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    examples = []
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for plan in plans:
+        if not plan.retrieval_inputs:
+            continue
+        k = node_value(placeholders[plan.past_index])
+        shape_env = k.fake_mode.shape_env
+        hint = 64
+        symbol = shape_env.create_symbol(hint, ConstantSource(f"kvpass_sentences_{plan.layer}"),
+                                         dynamic_dim=DimDynamic.DYNAMIC)
+        n = shape_env.create_symintnode(symbol, hint=hint)
+        b, h, _, d = k.shape
+        with k.fake_mode:
+            examples += [k.new_empty(b, h, n, d, dtype=torch.float32), k.new_empty(b, h, n, dtype=torch.int64),
+                         k.new_empty(b, h, n, dtype=torch.int64), k.new_empty(b, plan.query_heads, d,
+                                                                              dtype=torch.float32),
+                         k.new_empty(b, dtype=torch.float32), k.new_empty(b, dtype=torch.bool)]
+    return examples
 
 
 def _tier_examples(gm: fx.GraphModule, plans: list[LayerPlan]) -> list:

@@ -77,7 +77,8 @@ class KVPassOptions:
         return self.policy.layer_budget(total, layer, n_layers, prompt_len if self.ratio is not None else None)
 
 
-_POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate", "scores"}
+_POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "accumulate", "scores",
+                "semantic_factor", "length_threshold", "sentence_ends"}
 VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
               "reference_kernels", "head_budgets", "head_floor", "reserve", "distribute", "placement_block",
               "offload", "offload_dir", "offload_attention", *sorted(_POLICY_KEYS))
@@ -167,14 +168,16 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
         raise OptionError(f"kvpass: option 'reserve' must be an int >= 0 (store slots past the budget that forwards "
                           f"after the prefill fill before anything is evicted), got {reserve!r}")
     distribute, placement_block = _distribute_options(options, prefill_block, head_budgets, reserve)
-    offload, offload_dir, offload_attention = _offload_options(options, head_budgets, distribute)
+    offload, offload_dir, offload_attention = _offload_options(options, head_budgets, distribute, policy)
+    if policy.name == "sentencekv":
+        _check_sentencekv(policy, budget, offload, prefill_block, reserve)
     return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes,
                          reference_kernels, head_budgets, head_floor, reserve, distribute, placement_block,
                          offload, offload_dir, offload_attention)
 
 
-def _offload_options(options: dict[str, Any], head_budgets: str,
-                     distribute: str | None) -> tuple[str | None, str | None, bool]:
+def _offload_options(options: dict[str, Any], head_budgets: str, distribute: str | None,
+                     policy: Policy) -> tuple[str | None, str | None, bool]:
     offload = options.get("offload")
     if offload is not None and offload not in OFFLOAD:
         raise OptionError(f"kvpass: option 'offload' must be one of {list(OFFLOAD)} (where the tokens a store evicts "
@@ -194,11 +197,11 @@ def _offload_options(options: dict[str, Any], head_budgets: str,
     if offload_attention and offload is None:
         raise OptionError("kvpass: option 'offload_attention'=True computes the lower tier's share of attention where "
                          "it lives; it needs 'offload': 'cpu' or 'disk' (got no 'offload')")
-    if offload is not None and not offload_attention:
+    if offload is not None and not offload_attention and not getattr(policy, "retrieves", False):
         raise OptionError(
-            f"kvpass: option 'offload'={offload!r} keeps what the store evicts in a lower tier, which only attention "
-            "computed in place reads back so far: set 'offload_attention': True (retrieving the lower tier's chunks "
-            "into the device store, SentenceKV / LeoAM, is not built yet)")
+            f"kvpass: option 'offload'={offload!r} keeps what the store evicts in a lower tier; with policy "
+            f"{policy.name!r} only attention computed in place reads it back: set 'offload_attention': True, or use "
+            "policy 'sentencekv', which retrieves from it by sentence (LeoAM's chunk retrieval is not built yet)")
     if offload is not None:
         clashes = {"distribute": distribute, "head_budgets": head_budgets if head_budgets != "uniform" else None}
         given = {key: value for key, value in clashes.items() if value is not None}
@@ -206,6 +209,24 @@ def _offload_options(options: dict[str, Any], head_budgets: str,
             raise OptionError(f"kvpass: option 'offload'={offload!r} does not combine with {given} yet; drop those "
                              "options (no distribute, head_budgets 'uniform')")
     return offload, offload_dir, offload_attention
+
+
+def _check_sentencekv(policy: Policy, budget: int | None, offload: str | None, prefill_block: int | None,
+                      reserve: int) -> None:
+    """SentenceKV keeps what its device store evicts in a lower tier and retrieves from it by sentence."""
+    if budget is None:
+        raise OptionError("kvpass: policy 'sentencekv' attends a fixed 'budget' of tokens per step (sinks, recent, "
+                          "retrieved); give 'budget', not 'ratio' or 'layer_budgets'")
+    policy.retrieval_slots(budget)
+    if offload is None:
+        raise OptionError("kvpass: policy 'sentencekv' keeps the tokens it does not attend in a lower tier and "
+                          "retrieves them by sentence; set 'offload': 'cpu' or 'disk'")
+    if prefill_block is not None:
+        raise OptionError(f"kvpass: policy 'sentencekv' compresses the whole prompt at once (SnapKV over its last "
+                          f"'window' queries), as the reference does; drop 'prefill_block' (got {prefill_block!r})")
+    if reserve:
+        raise OptionError(f"kvpass: policy 'sentencekv' keeps exactly its sinks and recent window on the device (what "
+                          f"it evicts stays retrievable in the lower tier); drop 'reserve' (got {reserve!r})")
 
 
 def _distribute_options(options: dict[str, Any], prefill_block: int | None, head_budgets: str,

@@ -10,7 +10,13 @@ from test_ops_partial import full_attention, make_case
 from kvpass.ops import REFERENCES
 from kvpass.ops.kv import compact_reference
 from kvpass.ops.partial import attend_part_reference, merge_parts_reference
-from kvpass.ops.tier import TIER_REFERENCES, evicted_reference, tier_attend_reference
+from kvpass.ops.tier import (
+    TIER_REFERENCES,
+    evicted_reference,
+    retrieval_index,
+    tier_attend_reference,
+    tier_gather_reference,
+)
 
 
 def candidates(seed: int, n: int, window_dead: bool = False) -> dict:
@@ -80,3 +86,49 @@ def test_tier_ops_pass_opcheck_and_only_evicted_is_inlined():
     torch.library.opcheck(torch.ops.kvpass.tier_attend.default, (c["q"], *tier, c["q_pos"], c["scale"]))
     assert torch.ops.kvpass.evicted.default in REFERENCES and set(TIER_REFERENCES) <= set(REFERENCES)
     assert torch.ops.kvpass.tier_attend.default not in REFERENCES  # runs where the tier lives, never inlined
+
+
+def test_tier_gather_copies_the_named_slots_of_each_query_heads_kv_head():
+    gen = torch.Generator().manual_seed(5)
+    b, hkv, group, n, d = 2, 2, 3, 10, 4
+    k, v = torch.randn(b, hkv, n, d, generator=gen), torch.randn(b, hkv, n, d + 1, generator=gen)
+    pos = torch.arange(n).expand(b, hkv, n).clone()
+    index = torch.randint(-1, n, (b, hkv * group, 5), generator=gen)
+    gk, gv, gpos = tier_gather_reference(k, v, pos, index)
+    for row in range(b):
+        for head in range(hkv * group):
+            for r, slot in enumerate(index[row, head].tolist()):
+                if slot < 0:
+                    assert gpos[row, head, r] == -1
+                    continue
+                assert torch.equal(gk[row, head, r], k[row, head // group, slot])
+                assert torch.equal(gv[row, head, r], v[row, head // group, slot])
+                assert gpos[row, head, r] == slot
+
+
+def _literal_retrieval(q_mean, means, starts, lens, slots):
+    """The reference's ``_batch_similarity_computation`` for one row, over token lists built from the runs."""
+    group = q_mean.shape[0] // means.shape[0]
+    chosen = []
+    for head in range(q_mean.shape[0]):
+        kv = head // group
+        scores = means[kv].float() @ q_mean[head].float()
+        picked = []
+        for s in scores.argsort(descending=True, stable=True).tolist():
+            picked += list(range(int(starts[kv, s]), int(starts[kv, s]) + int(lens[kv, s])))
+        chosen.append(picked[:slots] + [-1] * (slots - len(picked[:slots])))
+    return torch.tensor(chosen)
+
+
+@pytest.mark.parametrize("slots", [1, 7, 40])
+def test_retrieval_index_concatenates_the_best_sentences_tokens_and_cuts(slots):
+    gen = torch.Generator().manual_seed(slots)
+    b, hkv, group, s, d = 2, 2, 2, 6, 8
+    q_mean = torch.randn(b, hkv * group, d, generator=gen)
+    means = torch.randn(b, hkv, s, d, generator=gen)
+    lens = torch.randint(0, 5, (b, hkv, s), generator=gen)
+    starts = torch.cat([torch.zeros(b, hkv, 1, dtype=torch.int64), lens.cumsum(-1)[..., :-1]], dim=-1) + 3
+    skip = torch.tensor([False, True])
+    index = retrieval_index(q_mean, means, starts, lens, skip, slots)
+    assert torch.equal(index[0], _literal_retrieval(q_mean[0], means[0], starts[0], lens[0], slots))
+    assert (index[1] == -1).all()

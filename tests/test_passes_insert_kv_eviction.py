@@ -408,6 +408,6 @@ def test_each_step_variant_is_chosen_once_per_site(layer, args, options, variant
 def test_uuid_names_the_pass_version_and_changes_with_the_options():
     a = InsertKVEviction(parse_options({"policy": "h2o", "budget": 8}))
     b = InsertKVEviction(parse_options({"policy": "h2o", "budget": 9}))
-    assert a.uuid().startswith("InsertKVEviction:v4:")
+    assert a.uuid().startswith("InsertKVEviction:v5:")
     assert a.uuid() != b.uuid()
     assert a.uuid() == InsertKVEviction(parse_options({"policy": "h2o", "budget": 8})).uuid()

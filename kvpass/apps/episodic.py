@@ -25,6 +25,7 @@ import torch
 from kvpass import observing, parse_options
 from kvpass.apps.eval.runner import greedy_generate, new_cache
 from kvpass.errors import OptionError
+from kvpass.runtime.state import store_state
 
 
 @dataclasses.dataclass
@@ -54,12 +55,28 @@ def compress_context(forward, model: torch.nn.Module, options: dict, context_ids
 
 @torch.inference_mode()
 def answer(forward, model: torch.nn.Module, context: CompressedContext, question_ids: Sequence[int],
-           max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy answer to ``question_ids`` appended to a copy of ``context`` (which stays reusable)."""
-    cache = copy.copy(context.cache)  # the stores (and their kvpass state) are shared; each forward makes new ones
-    cache.layers = [copy.copy(layer) for layer in context.cache.layers]
-    generation = greedy_generate(forward, model, question_ids, max_new_tokens, stop_ids, cache=cache,
-                                 start=context.length)
+           max_new_tokens: int, stop_ids: Sequence[int] = (), token_by_token: bool = False) -> list[int]:
+    """Greedy answer to ``question_ids`` appended to a copy of ``context`` (which stays reusable).
+
+    ``token_by_token``: feed the question one token per forward, as decode steps (SentenceKV's reference retrieves
+    for each token so; kvpass attends a multi-token continuation to every kept token)."""
+    if any(getattr(store_state(layer.keys), "tier", None) is not None for layer in context.cache.layers
+           if getattr(layer, "keys", None) is not None):
+        cache = copy.deepcopy(context.cache)  # a lower tier (and SentenceKV's abstracts) grow in place
+    else:
+        cache = copy.copy(context.cache)  # the stores (and their kvpass state) are shared; each forward makes new ones
+        cache.layers = [copy.copy(layer) for layer in context.cache.layers]
+    start, question = context.length, list(question_ids)
+    if token_by_token:
+        device = next(model.parameters()).device
+        for token in question[:-1]:
+            out = forward(input_ids=torch.tensor([[token]], device=device),
+                          position_ids=torch.tensor([[start]], device=device), cache=cache, use_cache=True,
+                          logits_to_keep=1)
+            cache = out.cache if out.cache is not None else cache
+            start += 1
+        question = question[-1:]
+    generation = greedy_generate(forward, model, question, max_new_tokens, stop_ids, cache=cache, start=start)
     return list(generation.token_ids)
 
 

@@ -77,7 +77,96 @@ def _(q, tier_k, tier_v, tier_pos, used, q_pos, scale, window=0, softcap=0.0):
     return q.new_empty(b, hq, t, tier_v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32)
 
 
-# inlined into compiled graphs with the other store ops; tier_attend is not (it runs where the tier lives)
+def retrieval_index(q_mean: Tensor, means: Tensor, starts: Tensor, lens: Tensor, skip: Tensor, slots: int) -> Tensor:
+    """SentenceKV's retrieval: which lower-tier slots each query head attends to this step (traceable: graph nodes).
+
+    q_mean ``[B, H_q, D]`` the mean query of the sentence being generated; means ``[B, H_kv, S, D]`` each sentence's
+    abstract (query head ``j`` reads kv head ``j // group``); starts/lens ``[B, H_kv, S]`` int64 the lower-tier slots
+    of each sentence a step may retrieve (a run ``[start, start + len)``: the tier keeps each head's tokens in
+    position order); skip ``[B]`` bool rows that retrieve nothing this step. As the reference ranks them: sentences by
+    the raw dot product of their abstract with ``q_mean``, highest first, their tokens concatenated in that order
+    and cut at ``slots``. Returns ``[B, H_q, slots]`` int64 tier slots, ``-1`` where fewer tokens qualify.
+    """
+    b, hq, _ = q_mean.shape
+    group = hq // means.shape[1]
+    if group > 1:
+        means, starts, lens = (x.repeat_interleave(group, dim=1) for x in (means, starts, lens))
+    scores = torch.einsum("bhd,bhsd->bhs", q_mean.float(), means.float())
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    lens, starts = lens.gather(2, order), starts.gather(2, order)
+    ends = lens.cumsum(dim=-1)                                               # [B, H_q, S] tokens up to each
+    r = torch.arange(slots, device=q_mean.device).expand(b, hq, slots).contiguous()
+    which = torch.searchsorted(ends, r, right=True)                          # the sentence rank holding token r
+    found = (which < ends.shape[-1]) & ~skip.view(b, 1, 1)
+    which = which.clamp(max=ends.shape[-1] - 1)
+    slot = starts.gather(2, which) + r - (ends.gather(2, which) - lens.gather(2, which))
+    return torch.where(found, slot, -1)
+
+
+def tier_gather_reference(tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, index: Tensor) -> tuple[Tensor, Tensor,
+                                                                                                     Tensor]:
+    """The tier I/O of a retrieval: copy the slots ``index`` names out of the lower tier, on the tier's device, to
+    ``index``'s device.
+
+    tier_k/tier_v ``[B, H_kv, L, D]``, tier_pos ``[B, H_kv, L]``; index ``[B, H_q, R]`` int64 (query head ``j``
+    reads kv head ``j // group``; -1: nothing). Returns ``k [B, H_q, R, D]``, ``v [B, H_q, R, D_v]``,
+    ``pos [B, H_q, R]`` (-1 where ``index`` is -1), on ``index``'s device.
+    """
+    k, v, pos = _gathered(tier_k, tier_v, tier_pos, index.to(tier_k.device))
+    return k.to(index.device), v.to(index.device), pos.to(index.device)
+
+
+def _gathered(tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``tier_gather`` on the tier's device (``idx`` there too)."""
+    b, hkv, n, d = tier_k.shape
+    hq, r = idx.shape[1:]
+    where = tier_k.device
+    heads = (torch.arange(b, device=where).view(b, 1, 1) * hkv
+             + torch.arange(hq, device=where).view(1, hq, 1) // (hq // hkv))
+    flat = (heads * n + idx.clamp(min=0)).reshape(-1)
+    k = tier_k.reshape(b * hkv * n, d).index_select(0, flat).view(b, hq, r, d)
+    v = tier_v.reshape(b * hkv * n, -1).index_select(0, flat).view(b, hq, r, tier_v.shape[-1])
+    pos = tier_pos.reshape(-1).index_select(0, flat).view(b, hq, r).masked_fill(idx < 0, -1)
+    return k, v, pos
+
+
+tier_gather = torch.library.custom_op("kvpass::tier_gather", mutates_args=())(tier_gather_reference)
+
+
+@tier_gather.register_fake
+def _(tier_k, tier_v, tier_pos, index):
+    b, hq, r = index.shape
+    return (index.new_empty(b, hq, r, tier_k.shape[-1], dtype=tier_k.dtype),
+            index.new_empty(b, hq, r, tier_v.shape[-1], dtype=tier_v.dtype), index.new_empty(b, hq, r))
+
+
+def tier_attend_indexed_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, index: Tensor,
+                                  q_pos: Tensor, scale: float, window: int = 0,
+                                  softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Retrieval attended where the lower tier lives (SentenceKV's retrieval with ``offload_attention``): each query
+    head attends to the tier slots ``index`` names for it (``[B, H_q, R]``, -1: none), on the tier's device; only the
+    partial output and its log-sum-exp come back (``[B, H_q, T, D_v]`` in q's dtype, ``[B, H_q, T]`` float32 on q's
+    device), as :func:`kvpass.ops.partial.attend_part_reference` over the gathered slots."""
+    where = tier_k.device
+    k, v, pos = _gathered(tier_k, tier_v, tier_pos, index.to(where))
+    out, lse = attend_part_reference(q.to(where), k, v, pos, q_pos.to(where), scale, window, softcap)
+    return out.to(q.device), lse.to(q.device)
+
+
+tier_attend_indexed = torch.library.custom_op("kvpass::tier_attend_indexed", mutates_args=())(
+    tier_attend_indexed_reference)
+
+
+@tier_attend_indexed.register_fake
+def _(q, tier_k, tier_v, tier_pos, index, q_pos, scale, window=0, softcap=0.0):
+    b, hq, t = q.shape[:3]
+    return q.new_empty(b, hq, t, tier_v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32)
+
+
+# inlined into compiled graphs with the other store ops; tier_attend and tier_gather are not (they run where the tier
+# lives)
 TIER_REFERENCES = {torch.ops.kvpass.evicted.default: evicted_reference}
 
-__all__ = ["TIER_REFERENCES", "evicted", "evicted_reference", "tier_attend", "tier_attend_reference"]
+__all__ = ["TIER_REFERENCES", "evicted", "evicted_reference", "retrieval_index", "tier_attend",
+           "tier_attend_indexed", "tier_attend_indexed_reference", "tier_attend_reference", "tier_gather",
+           "tier_gather_reference"]

@@ -24,6 +24,8 @@ which *variant* each step takes, chosen once in a :class:`SitePlan`:
 (f) observe           a block's observation-only tokens made dead for scoring and compaction; for EpiCache's
                       context scores, ``kvpass::context_scores`` of the observation queries over the rest
 (g) score             ``kvpass::score`` with the options' policy
+(g') semantic          SentenceKV's first forward: SnapKV keeps ``semantic_factor x budget`` of the prompt (the
+                      rest is dropped, as the reference drops it); the steps below choose the device store among those
 (h) compact           ``kvpass::compact`` or ``compact_packed`` down to the budget (a forward continuing a store:
                       the budget plus the ``reserve``)
 (h') evicted          a tiered store: ``kvpass::evicted``, the candidates the compaction left out, returned for the
@@ -49,6 +51,7 @@ import kvpass.ops  # noqa: F401  (registers the kvpass::* ops used below)
 from kvpass.analysis import AttentionSite, UnsupportedGraph, node_value
 from kvpass.config import KVPassOptions
 from kvpass.ops.partial import merged_observation
+from kvpass.ops.tier import retrieval_index
 from kvpass.passes.blockwise_prefill import BlockInputs
 from kvpass.passes.context_split import ContextSplit
 from kvpass.policies import StreamingLLM, policy_from_spec
@@ -97,6 +100,12 @@ class SitePlan:
     # (e), (h') a tiered store (option offload): what the compaction evicts is returned for the lower tier, and a
     # forward continuing the store attends to the lower tier where it lives, merged with the device store's part
     offload: bool = False
+    # SentenceKV (policy "sentencekv", a tiered store): slots retrieved from the lower tier per step; the prefill's
+    # SnapKV spec and the tokens it keeps (0: all)
+    retrieval: int = 0
+    semantic_policy: str = ""
+    semantic: int = 0
+    retrieve_in_place: bool = False  # option offload_attention: the retrieved tokens attended where the tier lives
 
     @property
     def attends_split(self) -> bool:
@@ -110,6 +119,11 @@ class SitePlan:
         """(e) attention merged with the lower tier's: a forward continuing a tiered store. A first forward's lower tier
         is empty (everything it evicts, it attended to itself)."""
         return self.offload and self.site.past_keys is not None
+
+    @property
+    def retrieves(self) -> bool:
+        """(e) SentenceKV's retrieval: a forward continuing a tiered store of policy "sentencekv"."""
+        return self.retrieval > 0 and self.site.past_keys is not None
 
     @classmethod
     def of(cls, site: AttentionSite, options: KVPassOptions, budget: int, capacity: int, block: BlockInputs | None,
@@ -164,6 +178,12 @@ class SitePlan:
         scored_by_prompt = getattr(options.policy, "needs_observation_prompt", False)  # EpiCache's context scores
         context_scores = block is not None and scored_by_prompt and not recency
         policy = RECENCY if recency else options.policy.spec()
+        sentences = options.policy.name == "sentencekv" and not recency
+        if sentences and (site.sinks is not None or node_value(site.attn).dim() == 3):
+            raise UnsupportedGraph(
+                f"kvpass: policy 'sentencekv' retrieves per query head from a lower tier; layer {site.layer} "
+                f"{'has learned attention sinks' if site.sinks is not None else 'folds its heads into the batch'}, "
+                "which its retrieval does not handle yet")
         return cls(site, budget, capacity, capacity if continues else budget, n_new, policy,
                    options.head_floor,
                    candidates=candidates, state=state, validity=validity, positions=positions,
@@ -172,7 +192,11 @@ class SitePlan:
                    block=options.prefill_block if block is not None else 0, context_scores=context_scores,
                    compaction="compact_packed" if packed else "compact", store_out=store_out, recency=recency,
                    split=split, store_slots=node_value(site.past_keys).shape[2] if has_store else 0,
-                   offload=options.offload is not None and not recency)
+                   offload=options.offload is not None and not recency,
+                   retrieval=options.policy.retrieval_slots(options.budget) if sentences else 0,
+                   semantic_policy=options.policy.prefill_policy().spec() if sentences else "",
+                   semantic=options.policy.semantic_budget(options.budget) if sentences else 0,
+                   retrieve_in_place=sentences and options.offload_attention)
 
 
 @dataclasses.dataclass
@@ -205,6 +229,8 @@ class SiteRewrite:
     seen: fx.Node
     tier_inputs: tuple[fx.Node, ...] = ()     # stand-ins for the lower tier's k, v, pos, used (a tiered store's)
     evicted: tuple[fx.Node, ...] = ()         # k, v, pos the compaction evicted, for the lower tier
+    retrieval_inputs: tuple[fx.Node, ...] = ()   # SentenceKV: stand-ins for abstracts, runs, query sum, count, skip
+    sentence_outputs: tuple[fx.Node, ...] = ()   # SentenceKV continued: the new queries and keys (for the abstracts)
 
 
 def rewrite_site(graph: fx.Graph, plan: SitePlan, block: BlockInputs | None) -> SiteRewrite:
@@ -220,15 +246,18 @@ def rewrite_site(graph: fx.Graph, plan: SitePlan, block: BlockInputs | None) -> 
         out, obs = steps.attend(keys, values, meta if plan.attends_split else extended)
         meta = steps.observe(meta)
         obs = steps.context_scores(keys, meta, obs)
+        keys, values, meta = steps.semantic(keys, values, meta, obs)
         keep, acc_new = steps.score(obs, keys, meta)
         store = steps.compact(keys, values, meta, keep, acc_new)
         evicted = steps.evicted(keys, values, meta, keep)
         steps.store_out(store)
+        sentence_outputs = steps.sentence_outputs(keys)
     site.attn.replace_all_uses_with(out)
     graph.erase_node(site.attn)
     for write in site.static_writes or ():  # kvpass writes the buffers itself (or returns the store), after compaction
         graph.erase_node(write)
-    return SiteRewrite(state_inputs, store, meta.seen, steps.tier_inputs, evicted)
+    return SiteRewrite(state_inputs, store, meta.seen, steps.tier_inputs, evicted, steps.retrieval_inputs,
+                       sentence_outputs)
 
 
 class _Steps:
@@ -240,6 +269,7 @@ class _Steps:
         self._tokens_before: fx.Node | None = None
         self._query_positions: fx.Node | None = None  # (d') the new tokens' positions, before placement
         self.tier_inputs: tuple[fx.Node, ...] = ()     # (e) stand-ins for the lower tier's inputs
+        self.retrieval_inputs: tuple[fx.Node, ...] = ()  # (e) SentenceKV's stand-ins (abstracts and the query's sum)
 
     def candidates(self) -> tuple[fx.Node, fx.Node]:
         """(a) Keys and values ``[B, H_kv, N, D]`` the store is chosen from."""
@@ -331,11 +361,13 @@ class _Steps:
             return self._attend_parts(keys, values, meta, extra, self._query_positions, self._gathered)
         if plan.attends_tier:
             q_pos = g(operator.getitem, (meta.pos, (ALL, 0, slice(plan.store_slots, None))))
-            return self._attend_parts(keys, values, meta, extra, q_pos, self._with_tier)
+            other = self._with_retrieval if plan.retrieves else self._with_tier
+            return self._attend_parts(keys, values, meta, extra, q_pos, other)
         match plan.attention:
-            case "attend":
+            case "attend":  # (SentenceKV's prefill observes as its SnapKV stage needs)
+                policy = plan.semantic_policy or plan.policy
                 attended = g(torch.ops.kvpass.attend.default,
-                             (site.q, keys, values, meta.pos, site.scale, plan.policy, site.window, *extra))
+                             (site.q, keys, values, meta.pos, site.scale, policy, site.window, *extra))
             case "latent":  # a latent cache: attend over the keys/values the model computes from it
                 pos = self._pos_per_head(meta.pos, node_value(site.key_write).shape[1],
                                          node_value(site.attn_keys).shape[1])
@@ -372,6 +404,29 @@ class _Steps:
         reduce = policy_from_spec(self.plan.policy).obs_reduce
         return g(torch.ops.kvpass.context_scores.default,
                  (q_obs, keys, context, rows, site.scale, reduce, meta.head, site.softcap))
+
+    def semantic(self, keys: fx.Node, values: fx.Node, meta: Meta, obs: fx.Node) -> tuple[fx.Node, fx.Node, Meta]:
+        """(g') SentenceKV's first forward: the candidates SnapKV keeps (``semantic`` of them), in position order; the
+        device store and the lower tier are then chosen among these. Unchanged otherwise (or with every token kept)."""
+        plan, g = self.plan, self.g
+        if not plan.semantic_policy or plan.site.past_keys is not None or not plan.semantic:
+            return keys, values, meta
+        n_new = plan.n_new if isinstance(plan.n_new, int) else g(torch.ops.aten.sym_size.int, (self.site.q, 2))
+        scored = g(torch.ops.kvpass.score.default,
+                   (plan.semantic_policy, obs, keys, meta.pos, meta.acc, n_new, plan.semantic))
+        keep, acc = (g(operator.getitem, (scored, i)) for i in range(2))
+        kept = g(torch.ops.kvpass.compact.default, (keys, values, meta.pos, keep, acc, plan.semantic, plan.semantic,
+                                                    self.site.window))
+        k, v, pos, acc = (g(operator.getitem, (kept, i)) for i in range(4))
+        return k, v, Meta(pos, None, g(torch.zeros_like, (acc,)), meta.seen)
+
+    def sentence_outputs(self, keys: fx.Node) -> tuple[fx.Node, ...]:
+        """SentenceKV continued: this forward's queries ``[B, H_q, T, D]`` and new keys ``[B, H_kv, T, D]``, from which
+        the runner keeps the current sentence's query sum and the sentences' abstracts."""
+        plan, g = self.plan, self.g
+        if not plan.retrieves:
+            return ()
+        return self.site.q, g(operator.getitem, (keys, (ALL, ALL, slice(plan.store_slots, None))))
 
     def score(self, obs: fx.Node, keys: fx.Node, meta: Meta) -> tuple[fx.Node, fx.Node]:
         """(g) (keep scores, the policy's new statistic) of every candidate."""
@@ -464,6 +519,36 @@ class _Steps:
                  (site.q, tier_k, tier_v, tier_pos, used, q_pos, site.scale, site.window, softcap))
         out_tier, lse_tier = (g(operator.getitem, (tier, i)) for i in range(2))
         return g(torch.stack, ([out_part, out_tier],)), g(torch.stack, ([lse_part, lse_tier],))
+
+    def _with_retrieval(self, out_part: fx.Node, lse_part: fx.Node, q_pos: fx.Node,
+                        softcap) -> tuple[fx.Node, fx.Node]:
+        """SentenceKV's step: this part, the lower-tier tokens of the best-scoring sentences (``retrieval`` slots per
+        query head: gathered to the device by ``kvpass::tier_gather`` and attended there, or with ``offload_attention``
+        attended where the tier lives, ``kvpass::tier_attend_indexed``) and, on the steps that attend to every kept
+        token (the runner passes the tier's written slot count then, 0 otherwise, and skips retrieval), the whole lower
+        tier attended where it lives."""
+        g, site, plan = self.g, self.site, self.plan
+        tier_out, tier_lse = self._with_tier(out_part, lse_part, q_pos, softcap)
+        tier_k, tier_v, tier_pos, _ = self.tier_inputs
+        self.retrieval_inputs = tuple(g(torch.empty, ((0,),)) for _ in range(6))
+        means, starts, lens, q_sum, q_count, skip = self.retrieval_inputs
+        n_new = plan.n_new if isinstance(plan.n_new, int) else g(torch.ops.aten.sym_size.int, (site.q, 2))
+        q_all = g(torch.add, (q_sum, g(torch.sum, (g(torch.Tensor.float, (site.q,)), 2))))
+        count = g(operator.getitem, (g(operator.add, (q_count, n_new)), (ALL, None, None)))
+        q_mean = g(operator.truediv, (q_all, count))
+        index = g(retrieval_index, (q_mean, means, starts, lens, skip, plan.retrieval))
+        if plan.retrieve_in_place:  # attended where the tier lives: the index goes there, (output, lse) come back
+            part = g(torch.ops.kvpass.tier_attend_indexed.default,
+                     (site.q, tier_k, tier_v, tier_pos, index, q_pos, site.scale, site.window, softcap))
+        else:  # the tier I/O: the retrieved tokens copied into the device's retrieval slots, attended there
+            gathered = g(torch.ops.kvpass.tier_gather.default, (tier_k, tier_v, tier_pos, index))
+            k_r, v_r, pos_r = (g(operator.getitem, (gathered, i)) for i in range(3))
+            part = g(torch.ops.kvpass.attend_part.default, (site.q, k_r, v_r, pos_r, q_pos, site.scale, site.window,
+                                                             softcap))
+        out_r, lse_r = (g(operator.getitem, (part, i)) for i in range(2))
+        outs = g(torch.cat, ([tier_out, g(torch.unsqueeze, (out_r, 0))],))
+        lses = g(torch.cat, ([tier_lse, g(torch.unsqueeze, (lse_r, 0))],))
+        return outs, lses
 
     def _stand_ins(self) -> tuple[fx.Node, fx.Node, fx.Node]:
         """Placeholders for pos, acc, seen; the pass swaps them for graph inputs once every site is rewritten."""

@@ -32,6 +32,10 @@ class LayerPlan:
     # a tiered store continued: bytes per query token and batch row between the device and the lower tier's attention
     # (the query and its position there; the partial output and its log-sum-exp back)
     tier_query_bytes: int = 0
+    retrieval_inputs: tuple[fx.Node, ...] = ()  # SentenceKV continued: abstracts, runs, query sum, count, skip
+    sentence_outputs: tuple[fx.Node, ...] = ()  # SentenceKV continued: the new queries and keys
+    retrieval_bytes: int = 0        # SentenceKV continued: bytes per batch row a step gathers from the lower tier
+    query_heads: int = 0            # the site's query heads
 
 
 class InsertKVEviction:
@@ -95,6 +99,13 @@ class InsertKVEviction:
     lower tier; a forward continuing a store takes each layer's lower tier (``k, v, pos, used``) as inputs after the
     metadata inputs, and its attention is the exact merge of the device store's part with the lower tier's, computed
     where the tier lives (``kvpass::tier_attend``); counted as ``offload_sites``.
+
+    With policy ``sentencekv`` (a tiered store: :mod:`kvpass.policies.sentencekv`) a first forward keeps SnapKV's
+    ``semantic_factor x budget`` tokens and splits them between the device store (sinks and recent window) and the
+    lower tier; a forward continuing the store also takes each layer's sentence abstracts, their lower-tier runs, the
+    open sentence's query sum and length and a skip flag (after the tiers' inputs, in layer order), ranks the
+    sentences and gathers their tokens (``kvpass::tier_gather``) into the merge, and returns its queries and new keys
+    (after the evicted outputs) for the runner's abstracts; counted as ``retrieval_sites``.
     """
 
     def __init__(self, options: KVPassOptions, prefill_budgets: dict[int, tuple[int, int]] | None = None) -> None:
@@ -108,7 +119,7 @@ class InsertKVEviction:
     def uuid(self) -> str:
         """Changes with the rewrite (its version) or the options: part of the compiled graph's cache key."""
         split = "" if self.split is None else f":rank{self.split.rank}of{self.split.world}:{self.split.group_name}"
-        return f"{type(self).__name__}:v4:{self.options.uuid()}{split}"
+        return f"{type(self).__name__}:v5:{self.options.uuid()}{split}"
 
     def __call__(self, graph: fx.Graph, sites: list[AttentionSite],
                  block: BlockInputs | None = None) -> list[LayerPlan]:
@@ -141,8 +152,14 @@ class InsertKVEviction:
             if plan.tier_inputs:
                 plan.tier_inputs, last = _as_inputs(graph, last, plan.tier_inputs, [
                     f"kvpass_tier_{name}_{plan.layer}" for name in ("k", "v", "pos", "used")])
+        for plan in plans:  # then SentenceKV's, in layer order
+            if plan.retrieval_inputs:
+                plan.retrieval_inputs, last = _as_inputs(graph, last, plan.retrieval_inputs, [
+                    f"kvpass_sentence_{name}_{plan.layer}"
+                    for name in ("means", "starts", "lens", "q_sum", "q_count", "skip")])
         extra = tuple(n for plan in plans for n in plan.state_outputs)
         extra += tuple(n for plan in plans for n in plan.evicted_outputs)
+        extra += tuple(n for plan in plans for n in plan.sentence_outputs)
         (outs,) = output.args
         output.args = (tuple(outs) + extra,)
         graph.lint()
@@ -179,9 +196,18 @@ class InsertKVEviction:
         self._count(plan)
         store = done.store
         past_index = placeholders.index(site.past_keys) if has_store else None
+        retrieval_bytes = 0
+        if plan.retrieves:
+            q = node_value(site.q)
+            if plan.retrieve_in_place:  # the slot index there; a query, a partial output and its lse each way
+                retrieval_bytes = plan.retrieval * q.shape[1] * 8 + tier_query_bytes
+            else:  # k, v and positions of each query head's retrieval slots
+                retrieval_bytes = plan.retrieval * q.shape[1] * ((q.shape[-1] + value_dim) * q.element_size() + 8)
         return LayerPlan(site.layer, budget, capacity, past_index, done.state_inputs, (store.pos, store.acc, done.seen),
                          static=bool(site.static_writes), tier_inputs=done.tier_inputs, evicted_outputs=done.evicted,
-                         value_dim=value_dim, tier_query_bytes=tier_query_bytes)
+                         value_dim=value_dim, tier_query_bytes=tier_query_bytes,
+                         retrieval_inputs=done.retrieval_inputs, sentence_outputs=done.sentence_outputs,
+                         retrieval_bytes=retrieval_bytes, query_heads=node_value(site.q).shape[1])
 
     @staticmethod
     def _tier_query_bytes(plan: SitePlan, value_dim: int) -> int:
@@ -198,7 +224,8 @@ class InsertKVEviction:
         site = plan.site
         extras = {"sink_sites": site.sinks is not None, "latent_sites": plan.attention == "latent",
                   "head_adaptive_sites": plan.compaction == "compact_packed", "sliding_sites_carried": plan.recency,
-                  "split_sites": plan.split is not None, "offload_sites": plan.offload}
+                  "split_sites": plan.split is not None, "offload_sites": plan.offload,
+                  "retrieval_sites": plan.retrieves}
         forward = "block_sites" if plan.observe else "decode_sites" if site.past_keys is not None else "prefill_sites"
         static = ["static_cache_sites"] if site.static_writes else []
         for name in [*(name for name, on in extras.items() if on), forward, f"{site.kind}_sites", *static]:

@@ -13,12 +13,13 @@ from kvpass.policies.epicache import EpiCache
 from kvpass.policies.h2o import H2O
 from kvpass.policies.knorm import Knorm
 from kvpass.policies.pyramidkv import PyramidKV
+from kvpass.policies.sentencekv import SentenceKV, sentence_end_ids
 from kvpass.policies.snapkv import SnapKV
 from kvpass.policies.streaming_llm import StreamingLLM
 from kvpass.policies.tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, Knorm, EpiCache)
+    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, Knorm, EpiCache, SentenceKV)
 }
 
 
@@ -34,7 +35,7 @@ def make_policy(name: str, **params: Any) -> Policy:
                 f"kvpass: policy {name!r} takes no option {key!r} (got {value!r}); "
                 f"its options are {sorted(fields) or 'none'}"
             )
-        if key in ("pooling", "scores"):  # string options: the policy validates them
+        if key in ("pooling", "scores", "semantic_factor", "sentence_ends"):  # the policy validates them
             continue
         if key == "accumulate":
             if not isinstance(value, bool):
@@ -52,4 +53,5 @@ def policy_from_spec(spec: str) -> Policy:
     return make_policy(fields.pop("name"), **fields)
 
 
-__all__ = ["POLICIES", "Policy", "make_policy", "policy_from_spec", *(c.__name__ for c in POLICIES.values())]
+__all__ = ["POLICIES", "Policy", "make_policy", "policy_from_spec", "sentence_end_ids",
+           *(c.__name__ for c in POLICIES.values())]

@@ -123,12 +123,16 @@ class LayerStats:
     tier_tokens: int = 0         # real tokens in the lower tier, summed over batch and kv heads
     tier_bytes: int = 0          # bytes of keys + values written to the lower tier
     moved_bytes: int = 0         # bytes the last forward moved between the device and the lower tier
+    sentences: int = 0           # policy sentencekv: sentences with an abstract (retrievable chunks)
+    abstract_bytes: int = 0      # policy sentencekv: bytes of the abstracts and their runs, kept beside the store
 
     def __str__(self) -> str:
         heads = "" if self.head_tokens is None else f" (per kv head {self.head_tokens})"
         seen = "" if self.tokens_seen is None else f", tokens seen {self.tokens_seen}"
         tier = "" if self.tier is None else (f"; lower tier ({self.tier}): {self.tier_tokens} real tokens, "
                                              f"{self.tier_bytes} bytes, {self.moved_bytes} bytes moved last forward")
+        if self.sentences:
+            tier += f"; {self.sentences} sentences, abstracts {self.abstract_bytes} bytes"
         return (f"layer {self.layer}: {self.slots} slots, {self.kv_bytes} bytes, real tokens {self.real_tokens}{heads}"
                 f"{seen}{tier}")
 
@@ -150,6 +154,8 @@ def kv_stats(cache: Any) -> list[LayerStats]:
         seen = state.seen.tolist() if state else None
         nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
         tier = state.tier if state else None
+        sentences = state.sentences if state else None
         stats.append(LayerStats(i, keys.shape[-2], None if heads is None else sum(heads), nbytes, heads, seen,
-                                *((tier.kind, tier.real_tokens, tier.nbytes, tier.moved_bytes) if tier else ())))
+                                *((tier.kind, tier.real_tokens, tier.nbytes, tier.moved_bytes) if tier else ()),
+                                *((sentences.ended, sentences.nbytes) if tier and sentences else ())))
     return stats

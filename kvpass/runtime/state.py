@@ -47,6 +47,9 @@ class GraphRecord:
         if offload is not None:
             where = "host memory" if offload == "cpu" else "memory-mapped files (offload 'disk')"
             tier = f"evicted tokens kept in a lower tier in {where}, attended where they live (offload_attention)"
+            if any(plan.retrieval_inputs for plan in plans):
+                tier = (f"evicted tokens kept in a lower tier in {where}; each step gathers the best sentences' tokens "
+                        "(SentenceKV), or attends to the whole tier where it lives while a sentence is short")
         return cls(kind, policy, [s.describe() + ("" if s.layer in budgets else ", HF's window kept") for s in sites],
                    [budgets.get(s.layer, s.window - 1) for s in sites], dict(counters), tier=tier)
 
@@ -64,6 +67,7 @@ class StoreState:
     # option offload: what this store evicted, kept in a lower tier (appended to in place by each forward: it belongs
     # to the cache, so a branch of a conversation continues from a copy, e.g. copy.deepcopy(cache))
     tier: LowerTier | None = None
+    sentences: object = None  # policy "sentencekv": the layer's SentenceLayer (kvpass.runtime.sentences)
 
 
 def store_state(keys: object) -> StoreState | None:

@@ -64,10 +64,10 @@ class LowerTier:
         self.used = end
         return sum(x.numel() * x.element_size() for x in (k, v, pos))
 
-    def inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def inputs(self, attended: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """What a compiled forward takes: the whole allocation (contiguous, as the graph was compiled for) and the
-        number of slots written."""
-        return self.k, self.v, self.pos, torch.tensor(self.used, dtype=torch.int64)
+        number of slots its attention reads in place (those written; 0 where a SentenceKV step only retrieves)."""
+        return self.k, self.v, self.pos, torch.tensor(self.used if attended else 0, dtype=torch.int64)
 
     def rows(self, select: Callable[[Tensor], Tensor]) -> LowerTier:
         """A new tier holding ``select`` of this one's batch rows (beam search's reorders, batch selections)."""
