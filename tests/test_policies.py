@@ -175,3 +175,18 @@ def test_make_policy_rejects_options_it_does_not_take():
         make_policy("h2o", sinks=4)
     with pytest.raises(ValueError, match="-2"):
         make_policy("streaming_llm", sinks=-2)
+
+
+def test_sentencekv_keeps_its_first_kept_tokens_and_the_newest():
+    """The device store of SentenceKV: the first ``sinks`` real slots by position (not positions 0..sinks-1: SnapKV
+    may have dropped those) and then the most recent; the spec round-trips with its sentence ends."""
+    from kvpass.policies import policy_from_spec
+    from kvpass.policies.sentencekv import SentenceKV
+
+    rule = SentenceKV(sinks=2, recent=3, sentence_ends=[5, 9])
+    pos = torch.tensor([[[3, 7, -1, 8, 12, 15, 20, 21]]])
+    keep, _ = rule.score(torch.empty(1, 1, 0), torch.zeros(1, 1, 8, 4), pos, torch.zeros(1, 1, 8), 1, 4)
+    kept = pos[0, 0, keep[0, 0].topk(4).indices].sort().values.tolist()
+    assert kept == [3, 7, 20, 21]
+    assert rule.layer_budget(100, 0, 2) == 4 and rule.retrieval_slots(100) == 95
+    assert policy_from_spec(rule.spec()) == rule

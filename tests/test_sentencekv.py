@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import tiny_model
+from conftest import family_model, tiny_model
 
 import kvpass
 from kvpass.errors import OptionError, UnsupportedGraph
@@ -173,9 +173,11 @@ def test_gqa_retrieves_per_query_head_from_its_kv_heads_tier():
     assert max(float((a - b).abs().max()) for a, b in zip(out.logits, logits, strict=True)) < 1e-5
 
 
-def test_steps_that_attend_every_kept_token_are_full_attention():
-    """With every step under the length threshold and every token kept, SentenceKV is full attention."""
-    model, ids = _model(), _prompt()
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_steps_that_attend_every_kept_token_are_full_attention(arch):
+    """With every step under the length threshold and every token kept, SentenceKV is full attention (Gemma-3: its
+    local layers stay HF's)."""
+    model, ids = (_model() if arch == "llama" else family_model(arch)), _prompt()
     ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          return_dict_in_generate=True, output_logits=True, pad_token_id=0)
     out = _kvpass_run(model, ids, 12, budget=100, semantic_factor=0, length_threshold=10**6)

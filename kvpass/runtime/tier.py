@@ -76,6 +76,13 @@ class LowerTier:
         tier.append(k, v, pos)
         return tier
 
+    def __deepcopy__(self, memo: dict) -> LowerTier:
+        """A copy of the same kind (a disk tier's copy gets its own files), holding the written slots."""
+        copy = self.rows(lambda x: x)
+        copy.moved_bytes = self.moved_bytes
+        memo[id(self)] = copy
+        return copy
+
     @property
     def nbytes(self) -> int:
         """Bytes of keys and values written (the allocation's unwritten slots not counted)."""
