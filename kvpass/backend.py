@@ -129,23 +129,27 @@ class StoreGraph:
         return outs[: self.n_outputs]
 
 
-def _retrieval_examples(gm: fx.GraphModule, plans: list[LayerPlan]) -> list:
-    """Examples of SentenceKV's inputs per layer continued (abstracts, runs, query sum and count, skip): fake tensors
-    whose sentence count is a fresh symbol, so new sentences never recompile the graph."""
+def _fresh_size(like: torch.Tensor, name: str, hint: int) -> torch.SymInt:
+    """A size symbol of its own in ``like``'s shape environment (no guards tie it to anything): an input whose length
+    it is may take any length without a recompile."""
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic
 
+    shape_env = like.fake_mode.shape_env
+    symbol = shape_env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+    return shape_env.create_symintnode(symbol, hint=hint)
+
+
+def _retrieval_examples(gm: fx.GraphModule, plans: list[LayerPlan]) -> list:
+    """Examples of SentenceKV's inputs per layer continued (abstracts, runs, query sum and count, skip): fake tensors
+    whose sentence count is a fresh symbol, so new sentences never recompile the graph."""
     examples = []
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     for plan in plans:
         if not plan.retrieval_inputs:
             continue
         k = node_value(placeholders[plan.past_index])
-        shape_env = k.fake_mode.shape_env
-        hint = 64
-        symbol = shape_env.create_symbol(hint, ConstantSource(f"kvpass_sentences_{plan.layer}"),
-                                         dynamic_dim=DimDynamic.DYNAMIC)
-        n = shape_env.create_symintnode(symbol, hint=hint)
+        n = _fresh_size(k, f"kvpass_sentences_{plan.layer}", 64)
         b, h, _, d = k.shape
         with k.fake_mode:
             examples += [k.new_empty(b, h, n, d, dtype=torch.float32), k.new_empty(b, h, n, dtype=torch.int64),
@@ -158,23 +162,15 @@ def _retrieval_examples(gm: fx.GraphModule, plans: list[LayerPlan]) -> list:
 def _tier_examples(gm: fx.GraphModule, plans: list[LayerPlan]) -> list:
     """Examples of the lower tiers' inputs (k, v, pos, used per tiered layer continued): fake tensors whose slot count
     is a fresh symbol, so a tier's growth never recompiles the graph."""
-    from torch._dynamo.source import ConstantSource
-    from torch.fx.experimental.symbolic_shapes import DimDynamic
-
     examples = []
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     for plan in plans:
         if not plan.tier_inputs:
             continue
         k = node_value(placeholders[plan.past_index])
-        fake_mode = k.fake_mode
-        shape_env = fake_mode.shape_env
-        hint = 256
-        symbol = shape_env.create_symbol(hint, ConstantSource(f"kvpass_tier_slots_{plan.layer}"),
-                                         dynamic_dim=DimDynamic.DYNAMIC)
-        slots = shape_env.create_symintnode(symbol, hint=hint)
+        slots = _fresh_size(k, f"kvpass_tier_slots_{plan.layer}", 256)
         b, h, _, d = k.shape
-        with fake_mode:
+        with k.fake_mode:
             examples += [k.new_empty(b, h, slots, d, device="cpu"),
                          k.new_empty(b, h, slots, plan.value_dim, device="cpu"),
                          k.new_empty(b, h, slots, dtype=torch.int64, device="cpu"),

@@ -236,6 +236,8 @@ def test_refusals_quote_what_they_got():
         kvpass.config.parse_options({**SENTENCEKV, "budget": 100, "offload": None})
     with pytest.raises(OptionError, match="prefill_block"):
         kvpass.config.parse_options({**SENTENCEKV, "budget": 100, "prefill_block": 64})
+    with pytest.raises(OptionError, match="drop 'reserve' \\(got 8\\)"):
+        kvpass.config.parse_options({**SENTENCEKV, "budget": 100, "reserve": 8})
     with pytest.raises(OptionError, match="semantic_factor"):
         kvpass.config.parse_options({**SENTENCEKV, "budget": 100, "semantic_factor": -1})
     model = _model()
