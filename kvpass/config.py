@@ -36,7 +36,9 @@ class KVPassOptions:
     head_floor: float = 0.2           # adaptive: each head keeps at least this fraction of the per-head budget
     reserve: int = 0                  # slots past the budget that later forwards (questions, answers) fill first
     distribute: str | None = None     # "context": the KV is split over the ranks of torch.distributed's default group
-    placement_block: int = 1          # distribute: tokens dealt to the ranks round-robin in runs of this many
+    placement_block: int = 1          # distribute: tokens placed on the ranks in runs of this many
+    placement: str = "most_free"      # distribute: a run goes to the rank with the most free slots, or "round_robin"
+    rank_budgets: tuple[int, ...] | None = None  # distribute: each rank's slots (their sum is the budget), else equal
     offload: str | None = None        # "cpu" / "disk": what the store evicts goes to a lower tier, not dropped
     offload_dir: str | None = None    # offload "disk": the directory of the lower tier's (memory-mapped) files
     offload_attention: bool = False   # the lower tier's share of attention computed where it lives (InstInfer)
@@ -57,6 +59,8 @@ class KVPassOptions:
                 "reserve": self.reserve,
                 "distribute": self.distribute,
                 "placement_block": self.placement_block,
+                "placement": self.placement,
+                "rank_budgets": self.rank_budgets,
                 "offload": self.offload,
                 "offload_attention": self.offload_attention,
             },
@@ -81,8 +85,9 @@ _POLICY_KEYS = {"window", "sinks", "recent", "kernel_size", "pooling", "beta", "
                 "semantic_factor", "length_threshold", "sentence_ends"}
 VALID_KEYS = ("policy", "budget", "ratio", "layer_budgets", "compiler", "fallback", "prefill_block", "episodes",
               "reference_kernels", "head_budgets", "head_floor", "reserve", "distribute", "placement_block",
-              "offload", "offload_dir", "offload_attention", *sorted(_POLICY_KEYS))
+              "placement", "rank_budgets", "offload", "offload_dir", "offload_attention", *sorted(_POLICY_KEYS))
 DISTRIBUTE = ("context",)
+PLACEMENTS = ("most_free", "round_robin")
 OFFLOAD = ("cpu", "disk")
 HEAD_BUDGETS = ("uniform", "adaptive")
 # Policies whose per-slot scores are softmax weights of the slot's own kv head, comparable across heads (Ada-KV's
@@ -109,10 +114,10 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
     params = {k: options[k] for k in _POLICY_KEYS if k in options}
     policy = make_policy(name, **params)
 
-    budget = options.get("budget")
+    budget = _budget_of_ranks(options)
     ratio = options.get("ratio")
     layer_budgets = options.get("layer_budgets")
-    given = [k for k in ("budget", "ratio", "layer_budgets") if options.get(k) is not None]
+    given = [k for k, v in (("budget", budget), ("ratio", ratio), ("layer_budgets", layer_budgets)) if v is not None]
     if len(given) > 1:
         raise OptionError(f"kvpass: give only one of 'budget', 'ratio', 'layer_budgets'; got {given}")
     if not given:
@@ -167,13 +172,13 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
     if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
         raise OptionError(f"kvpass: option 'reserve' must be an int >= 0 (store slots past the budget that forwards "
                           f"after the prefill fill before anything is evicted), got {reserve!r}")
-    distribute, placement_block = _distribute_options(options, prefill_block, head_budgets, reserve)
+    distribute, placement_block, placement, rank_budgets = _distribute_options(options, head_budgets)
     offload, offload_dir, offload_attention = _offload_options(options, head_budgets, distribute, policy)
     if policy.name == "sentencekv":
         _check_sentencekv(policy, budget, offload, prefill_block, reserve)
     return KVPassOptions(policy, budget, ratio, layer_budgets, compiler, fallback, prefill_block, episodes,
                          reference_kernels, head_budgets, head_floor, reserve, distribute, placement_block,
-                         offload, offload_dir, offload_attention)
+                         placement, rank_budgets, offload, offload_dir, offload_attention)
 
 
 def _offload_options(options: dict[str, Any], head_budgets: str, distribute: str | None,
@@ -229,27 +234,48 @@ def _check_sentencekv(policy: Policy, budget: int | None, offload: str | None, p
                           f"it evicts stays retrievable in the lower tier); drop 'reserve' (got {reserve!r})")
 
 
-def _distribute_options(options: dict[str, Any], prefill_block: int | None, head_budgets: str,
-                        reserve: int) -> tuple[str | None, int]:
+def _budget_of_ranks(options: dict[str, Any]) -> Any:
+    """Option 'budget', or the sum of 'rank_budgets' (which then gives it)."""
+    budget, rank_budgets = options.get("budget"), options.get("rank_budgets")
+    if rank_budgets is None:
+        return budget
+    if (not isinstance(rank_budgets, list | tuple) or not rank_budgets
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in rank_budgets)):
+        raise OptionError(f"kvpass: option 'rank_budgets' must be a non-empty list of positive ints, one per rank (the "
+                          f"slots each rank's store keeps of a layer), got {rank_budgets!r}")
+    if options.get("ratio") is not None or options.get("layer_budgets") is not None:
+        raise OptionError("kvpass: option 'rank_budgets' gives the context's budget (the sum of its entries); drop "
+                          f"'ratio'/'layer_budgets' (got ratio {options.get('ratio')!r}, layer_budgets "
+                          f"{options.get('layer_budgets')!r})")
+    if budget is not None and budget != sum(rank_budgets):
+        raise OptionError(f"kvpass: option 'budget' ({budget!r}) must be the sum of 'rank_budgets' ({rank_budgets!r}: "
+                          f"{sum(rank_budgets)}), or be left out")
+    return sum(rank_budgets)
+
+
+def _distribute_options(options: dict[str, Any],
+                        head_budgets: str) -> tuple[str | None, int, str, tuple[int, ...] | None]:
     distribute = options.get("distribute")
     if distribute is not None and distribute not in DISTRIBUTE:
         raise OptionError(f"kvpass: option 'distribute' must be one of {list(DISTRIBUTE)} (split each layer's KV "
                          f"over the ranks of torch.distributed's default group), got {distribute!r}")
+    placed = {key: options[key] for key in ("placement_block", "placement", "rank_budgets") if key in options}
+    if placed and distribute is None:
+        raise OptionError(f"kvpass: options {placed} place tokens on ranks; they need 'distribute': 'context'")
     placement_block = options.get("placement_block")
-    if placement_block is not None and distribute is None:
-        raise OptionError(f"kvpass: option 'placement_block' ({placement_block!r}) places tokens on ranks; it needs "
-                         "'distribute': 'context'")
     placement_block = 1 if placement_block is None else _positive_int("placement_block", placement_block)
-    if distribute is not None:
-        # each of these shapes a store in a way the split does not carry yet: refused rather than run wrong
-        clashes = {"prefill_block": prefill_block, "reserve": reserve or None,
-                   "head_budgets": head_budgets if head_budgets != "uniform" else None}
-        given = {key: value for key, value in clashes.items() if value is not None}
-        if given:
-            raise OptionError(f"kvpass: option 'distribute'={distribute!r} splits each layer's store over ranks, "
-                             f"which does not combine with {given} yet; drop those options (head_budgets "
-                             "'uniform', no prefill_block, reserve 0)")
-    return distribute, placement_block
+    placement = options.get("placement", "most_free")
+    if placement not in PLACEMENTS:
+        raise OptionError(f"kvpass: option 'placement' must be one of {list(PLACEMENTS)} (a run of placement_block "
+                          f"tokens goes to the rank with the most free slots, or to the ranks in turn), got "
+                          f"{placement!r}")
+    rank_budgets = options.get("rank_budgets")
+    rank_budgets = tuple(rank_budgets) if rank_budgets is not None else None
+    if distribute is not None and head_budgets != "uniform":
+        # a packed store keeps a layer's heads in one row; its slots are not placed by position yet
+        raise OptionError(f"kvpass: option 'distribute'={distribute!r} splits each layer's store over ranks, which "
+                         f"does not combine with head_budgets {head_budgets!r} yet; use head_budgets 'uniform'")
+    return distribute, placement_block, placement, rank_budgets
 
 
 def _head_options(options: dict[str, Any], policy: Policy) -> tuple[str, float]:

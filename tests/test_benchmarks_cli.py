@@ -26,6 +26,7 @@ def script(name: str):
     ("many_conversations", ["--lockstep", "0"]),
     ("distributed_kv", ["--ranks", "0"]),
     ("distributed_kv", ["--rank-threads", "0"]),
+    ("distributed_kv", ["--rank-budget", "0"]),
     ("offload", ["--budget", "0"]),
     ("offload", ["--steps", "0"]),
 ])
@@ -40,6 +41,12 @@ def test_distributed_profile_steps_may_be_zero_but_not_negative(capsys):
     with pytest.raises(SystemExit):
         script("distributed_kv").main(["--profile-steps", "-1"])
     assert "expected a non-negative integer, got -1" in capsys.readouterr().err
+
+
+def test_distributed_rank_budget_must_hold_a_context(capsys):
+    with pytest.raises(SystemExit):
+        script("distributed_kv").main(["--rank-budget", "20", "--ranks", "1,2"])
+    assert "--rank-budget 20 holds no context" in capsys.readouterr().err
 
 
 def test_offload_rows_must_be_known_ones(capsys):

@@ -16,6 +16,7 @@ from conftest import family_model, tiny_model
 
 import kvpass
 from kvpass.errors import OptionError, UnsupportedGraph
+from kvpass.passes.context_split import ContextSplit, most_free_owner
 
 NEW_TOKENS = 6
 EXACT_FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "deepseek_v3")
@@ -170,6 +171,94 @@ def test_four_ranks_evicting_keep_what_one_process_keeps():
         assert all(k == budget // 4 * 2 for k in got["kept"])  # a full store of 6 slots per rank, 2 kv heads
 
 
+def _placed_job(rank: int, world: int) -> dict:
+    """Two ranks: block-wise prefill (exact, and evicting as one process does), unequal stores under each placement
+    rule, and a reserve."""
+    results = {}
+    for arch in ("llama", "gemma3"):  # exact while the budget covers the prompt; Gemma-3's local layers carried whole
+        torch._dynamo.reset()
+        model = family_model(arch)
+        ids, mask = _prompt(arch, 2 if arch == "llama" else 1)
+        ref = _generate(model, ids, mask)
+        model.forward = _compiled(model, policy="snapkv", budget=64, prefill_block=8, distribute="context")
+        out = _generate(model, ids, mask)
+        stats = [s for s in kvpass.kv_stats(out.past_key_values) if s.real_tokens is not None]
+        counters = kvpass.explain(model.forward).graphs[0]["counters"]
+        results[f"block-{arch}"] = dict(
+            same_tokens=torch.equal(out.sequences, ref.sequences), logit_diff=_logit_diff(out, ref),
+            slots=stats[0].slots, split_sites=counters.get("split_sites", 0), block_sites=counters.get("block_sites"))
+    model = tiny_model("llama")
+    ids, mask = _prompt("llama-placed", 1)
+    ref = _generate(model, ids, mask)
+    for placement in ("most_free", "round_robin"):  # 37 + 6 - 1 = 42 tokens kept of a 64-slot budget, split 48:16
+        torch._dynamo.reset()
+        model.forward = _compiled(model, policy="snapkv", rank_budgets=[48, 16], placement=placement,
+                                  distribute="context")
+        out = _generate(model, ids, mask)
+        stats = kvpass.kv_stats(out.past_key_values)
+        results[placement] = dict(same_tokens=torch.equal(out.sequences, ref.sequences),
+                                  logit_diff=_logit_diff(out, ref), slots=stats[0].slots,
+                                  real_tokens=stats[0].real_tokens,
+                                  kv_heads=out.past_key_values.layers[0].keys.shape[1])
+    for name, options in (("reserve", {"reserve": 8}), ("block-evicting", {"prefill_block": 8})):
+        # StreamingLLM, whose choice does not depend on the placement: split, the union is one process's store
+        torch._dynamo.reset()
+        model.forward = _compiled(model, policy="streaming_llm", sinks=4, budget=24, **options)
+        alone = _generate(model, ids, mask)
+        torch._dynamo.reset()
+        model.forward = _compiled(model, policy="streaming_llm", sinks=4, budget=24, distribute="context", **options)
+        split = _generate(model, ids, mask)
+        stats = kvpass.kv_stats(split.past_key_values)
+        results[name] = dict(same_tokens=torch.equal(split.sequences, alone.sequences),
+                             logit_diff=_logit_diff(split, alone), slots=stats[0].slots)
+    return results
+
+
+def _logit_diff(out, ref) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits, strict=True))
+
+
+@pytest.fixture(scope="module")
+def placed() -> list[dict]:
+    return run_ranks(2, _placed_job)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_blockwise_prefill_over_two_ranks_gives_one_process_tokens_and_logits(placed, arch):
+    for rank in placed:
+        got = rank[f"block-{arch}"]
+        assert got["same_tokens"] and got["logit_diff"] < 1e-5, got
+        assert got["slots"] == 32 and got["split_sites"] > 0 and got["block_sites"] > 0, got
+
+
+def test_blockwise_prefill_evicting_over_two_ranks_keeps_what_one_process_keeps(placed):
+    for rank in placed:
+        got = rank["block-evicting"]
+        assert got["same_tokens"] and got["logit_diff"] < 1e-5 and got["slots"] == 12, got
+
+
+def test_a_reserve_is_shared_by_the_ranks_and_fills_before_eviction(placed):
+    for rank in placed:
+        got = rank["reserve"]  # 6 answer tokens: 3 per rank, within each rank's 4 reserve slots
+        assert got["same_tokens"] and got["logit_diff"] < 1e-5 and got["slots"] == 12 + 4, got
+
+
+def test_most_free_placement_fills_unequal_stores_without_evicting(placed):
+    stored = 37 + NEW_TOKENS - 1
+    owners = _most_free_by_hand((48, 16), stored)
+    for rank, got in enumerate(placed):
+        got = got["most_free"]
+        assert got["same_tokens"] and got["logit_diff"] < 1e-5, got
+        assert got["slots"] == (48, 16)[rank]
+        assert got["real_tokens"] == owners.count(rank) * got["kv_heads"]
+
+
+def test_round_robin_placement_overfills_the_smaller_store(placed):
+    """Why most-free is the default: dealt in turn, rank 1 gets 21 of the 42 tokens for its 16 slots and evicts."""
+    got = placed[1]["round_robin"]
+    assert got["slots"] == 16 and got["real_tokens"] == 16 * got["kv_heads"]
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 def _adoption_job(rank: int, world: int) -> dict:
@@ -190,6 +279,21 @@ def test_a_store_kvpass_did_not_place_is_refused_not_attended_on_every_rank():
     assert "12 slots kvpass did not fill" in got["refused"] and "'distribute'" in got["refused"]
 
 
+def _rank_budgets_job(rank: int, world: int) -> dict:
+    model = tiny_model("llama")
+    model.forward = _compiled(model, rank_budgets=[32, 32], distribute="context")
+    try:
+        model(torch.randint(3, 128, (1, 8)))
+    except UnsupportedGraph as err:
+        return {"refused": str(err)}
+    return {"refused": None}
+
+
+def test_rank_budgets_not_one_per_rank_are_refused_quoting_them():
+    (got,) = run_ranks(1, _rank_budgets_job)
+    assert "2 entries ([32, 32])" in got["refused"] and "1 ranks" in got["refused"]
+
+
 def test_distribute_without_a_process_group_is_refused_by_name():
     model = tiny_model("llama")
     model.forward = _compiled(model, budget=64, distribute="context")
@@ -201,18 +305,23 @@ def test_distribute_without_a_process_group_is_refused_by_name():
     ({"distribute": "tensor"}, "'tensor'"),
     ({"placement_block": 4}, "4"),
     ({"distribute": "context", "placement_block": 0}, "0"),
-    ({"distribute": "context", "prefill_block": 16}, "'prefill_block': 16"),
-    ({"distribute": "context", "reserve": 8}, "'reserve': 8"),
     ({"distribute": "context", "head_budgets": "adaptive"}, "'adaptive'"),
+    ({"distribute": "context", "placement": "nearest"}, "'nearest'"),
+    ({"placement": "round_robin"}, "'round_robin'"),
+    ({"distribute": "context", "rank_budgets": [32, 0]}, r"\[32, 0\]"),
+    ({"distribute": "context", "rank_budgets": [32, 16]}, "48"),  # budget 64 given too: not their sum
 ])
 def test_bad_distribute_options_are_refused_quoting_them(options, quoted):
     with pytest.raises(OptionError, match=quoted):
         kvpass.parse_options({"budget": 64, **options})
 
 
-def test_share_covers_any_context_the_budget_covers():
-    from kvpass.passes.context_split import ContextSplit
+def test_rank_budgets_give_the_budget():
+    opts = kvpass.parse_options({"distribute": "context", "rank_budgets": [48, 16]})
+    assert opts.budget == 64 and opts.rank_budgets == (48, 16) and opts.placement == "most_free"
 
+
+def test_share_covers_any_context_the_budget_covers():
     for world in (1, 2, 3, 4):
         for run in (1, 4, 16):
             for budget in (1, 7, 64, 100, 257):
@@ -220,3 +329,33 @@ def test_share_covers_any_context_the_budget_covers():
                 share = split[0].share(budget)
                 owned = [sum((p // run) % world == r for p in range(budget)) for r in range(world)]
                 assert max(owned) <= share < max(owned) + run  # never short, at most one run over
+
+
+def _most_free_by_hand(runs: tuple[int, ...], n: int) -> list[int]:
+    """The rule as the README states it, one run at a time: the rank with the most free runs (ties: the lowest)."""
+    free, owners = list(runs), []
+    for _ in range(n):
+        rank = max(range(len(runs)), key=lambda r: (free[r], -r))
+        free[rank] -= 1
+        owners.append(rank)
+    return owners
+
+
+@pytest.mark.parametrize("weights", [(4, 2, 1), (1, 1), (3, 5), (2, 2, 7, 1), (6, 6, 1)])
+@pytest.mark.parametrize("block", [1, 3])
+def test_most_free_placement_in_closed_form_is_the_rule_run_by_hand(weights, block):
+    split = ContextSplit(0, len(weights), "g", block, "most_free", weights).of_budget(sum(weights) * block * 5 + 1)
+    runs = torch.arange(-1, sum(split.runs) * 3)  # past every store's capacity (then the ranks in turn); -1: padding
+    got = most_free_owner(runs, *split.segments())
+    assert got[1:].tolist() == _most_free_by_hand(split.runs, len(runs) - 1)
+    assert sum(split.runs) * block >= sum(weights) * block * 5 + 1  # the stores cover the budget
+
+
+@pytest.mark.parametrize("world, block", [(2, 1), (3, 1), (2, 4), (4, 3)])
+def test_reserve_share_covers_any_run_of_positions_once_the_stores_are_full(world, block):
+    split = ContextSplit(0, world, "g", block)
+    for reserve in (1, 2, 5, 8, 13):
+        share = split.reserve_share(reserve)
+        for start in range(3 * world * block):
+            owned = [sum((p // block) % world == r for p in range(start, start + reserve)) for r in range(world)]
+            assert max(owned) <= share

@@ -92,7 +92,9 @@ class InsertKVEviction:
     With option ``distribute="context"`` (:mod:`~kvpass.passes.context_split`) each rewritten site keeps only the
     positions this rank owns, in a store of its share of the budget (:meth:`ContextSplit.share`), and its attention is
     the exact merge of every rank's partial attention, gathered by a functional collective in the graph; counted as
-    ``split_sites``. Sliding-window sites left to HF keep their whole window on every rank.
+    ``split_sites``. Each store is sized and placed for its layer's budget (:meth:`ContextSplit.of_budget`: the
+    ranks' shares, equal or ``rank_budgets``'); a reserve is shared likewise (:meth:`ContextSplit.reserve_share`).
+    Sliding-window sites (left to HF, or carried through a block graph) keep their whole window on every rank.
 
     With option ``offload`` (a tiered store: :mod:`kvpass.ops.tier`) each rewritten site also returns what its
     compaction evicted (``kvpass::evicted``: keys, values, positions), after every layer's metadata outputs, for its
@@ -114,7 +116,8 @@ class InsertKVEviction:
         self.prefill_budgets = prefill_budgets or {}
         self.counters: collections.Counter[str] = collections.Counter()
         # read once, when the graph is rewritten: a compiled graph belongs to the rank (and group) that compiled it
-        self.split = ContextSplit.of_default_group(options.placement_block) if options.distribute else None
+        self.split = (ContextSplit.of_default_group(options.placement_block, options.placement, options.rank_budgets)
+                      if options.distribute else None)
 
     def uuid(self) -> str:
         """Changes with the rewrite (its version) or the options: part of the compiled graph's cache key."""
@@ -180,16 +183,18 @@ class InsertKVEviction:
         """One site: its budget, the plan of its steps (:mod:`kvpass.passes.eviction_steps`), the steps, the count."""
         n_new = node_value(site.q).shape[2]
         has_store = site.past_keys is not None
-        if self.split is not None and (site.static_writes or block is not None):
+        if self.split is not None and site.static_writes:
             raise UnsupportedGraph(
                 f"kvpass: option 'distribute'='context' splits a DynamicCache store over ranks; layer {site.layer} "
-                f"{'writes a StaticCache' if site.static_writes else 'is in a block-wise prefill'}, which it does "
-                "not split yet. Use the default DynamicCache (generate's) and no 'prefill_block'")
+                "writes a StaticCache, which it does not split yet. Use the default DynamicCache (generate's)")
         if block is not None:
             budget, capacity = self.block_budget(site, n_layers, n_new)
         else:
             budget, capacity = self.budget(site, n_layers, n_new, has_store)
-        plan = SitePlan.of(site, self.options, budget, capacity, block, placeholders, self.split)
+        carried = block is not None and site.window and not site.masked_window  # HF's window: whole on every rank
+        split = None if self.split is None or carried else self.split.of_budget(
+            self.options.budget_for(site.layer, n_layers, 0)) if self.split.weights else self.split
+        plan = SitePlan.of(site, self.options, budget, capacity, block, placeholders, split)
         out = node_value(site.attn)  # (read before the rewrite replaces it)
         value_dim, tier_query_bytes = out.shape[-1], self._tier_query_bytes(plan, out.shape[-1])
         done = rewrite_site(graph, plan, block)
@@ -263,7 +268,8 @@ class InsertKVEviction:
         # one-column mask over stores of different lengths) each layer's store holds exactly its budget.
         spans_keys = site.mask is not None and node_value(site.mask).shape[-1] != 1
         # forwards that continue a store fill the reserve before they evict (EpiCache's answers evict nothing)
-        capacity = (max(budgets) if spans_keys else budget) + opts.reserve
+        reserve = opts.reserve if self.split is None else self.split.reserve_share(opts.reserve)
+        capacity = (max(budgets) if spans_keys else budget) + reserve
         return budget, capacity
 
     def _static_budget(self, site: AttentionSite, n_layers: int) -> tuple[int, int]:
