@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from kvpass.apps.eval.runner import peak_rss, reset_peak_rss
 from kvpass.validate import choice, csv, positive_int
 
 MODES = ("full", "blockwise")
@@ -90,10 +90,6 @@ class KVTracker(TorchDispatchMode):
             del self.live[key]
 
 
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def run_one(model_name: str, mode: str, length: int, budget: int, block: int, policy: str, compiler: str,
             measure: str = "rss", head_budgets: str = "uniform") -> dict:
     import kvpass.models
@@ -146,14 +142,14 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
         track = mock.patch.object(BlockwiseRunner, "__call__", tracked_call)
     else:
         track = tracker
-    if Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
-    base = _rss_kib("VmRSS")
+    base = reset_peak_rss()
+    if base is None and tracker is None:
+        raise SystemExit("prefill_memory.py --measure rss reads Linux's peak resident set (/proc/self/status)")
     t0 = time.perf_counter()
     with track:
         out = prefill(length)
     seconds = time.perf_counter() - t0
-    peak = tracker.peak / 1024 if tracker else _rss_kib("VmHWM") - base
+    peak = (tracker.peak if tracker else peak_rss() - base) / 1024  # KiB
     from kvpass import kv_stats
     from kvpass.apps.eval.runner import cache_bytes
 

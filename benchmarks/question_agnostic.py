@@ -29,6 +29,9 @@ questions, which EpiCache targets. Methods:
 * ``sentencekv-stepwise``: the same, the question fed one token per forward as the reference's decode loop does
   (each token then retrieves by its sentence's mean query),
 * ``sentencekv-all``: ``sentencekv`` with ``semantic_factor`` 0: the lower tier keeps every token (kvpass's option).
+* ``tiered-block``: ``snapkv-block`` whose evictions go to a lower tier (``--offload``: host memory or memory-mapped
+  files) attended in place and merged exactly (options ``offload``, ``offload_attention``): the device keeps
+  ``budget`` tokens, nothing is lost.
 
 Accuracy, the share of the answer-bearing span (needle / planted fact) still held after compression, and for
 ``epicache`` whether the question was routed to an episode holding its fact, go to ``--out``/results.json
@@ -56,7 +59,7 @@ from kvpass.validate import ArgType, csv, fraction, positive_int
 
 METHODS = ("full", "streaming_llm", "snapkv", "h2o", "snapkv-block", "h2o-block", "repeat-block", "epicache",
            "epicache-forward", "epicache-minilm", "epicache-layers", "sentencekv", "sentencekv-all",
-           "sentencekv-stepwise")
+           "sentencekv-stepwise", "tiered-block")
 HEADS = "+heads"  # method suffix: option head_budgets "adaptive" (policies that score by attention)
 
 
@@ -148,7 +151,7 @@ def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict
     method = method.removesuffix(HEADS)
     policy = {"repeat-block": "epicache", "full": "streaming_llm", "epicache-layers": "epicache",
               "epicache-minilm": "epicache", "epicache-forward": "epicache", "sentencekv-all": "sentencekv",
-              "sentencekv-stepwise": "sentencekv"}.get(method, method.removesuffix("-block"))
+              "sentencekv-stepwise": "sentencekv", "tiered-block": "snapkv"}.get(method, method.removesuffix("-block"))
     # every method appends question and answer without evicting (kvpress's protocol, EpiCache's reference)
     options = {"policy": policy, "budget": budget, "compiler": args.compiler, "reserve": args.reserve}
     if policy == "sentencekv":  # its device store is exactly sinks + recent: nothing reserved
@@ -157,6 +160,10 @@ def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict
         options.update(reserve=0, offload="cpu", offload_attention=True,
                        sentence_ends=sentence_end_ids(tokenizer),
                        semantic_factor=0 if method == "sentencekv-all" else 3)
+    if method == "tiered-block":
+        options.update(offload=args.offload, offload_attention=True)
+        if args.offload == "disk":
+            options["offload_dir"] = args.offload_dir
     if heads:
         options["head_budgets"] = "adaptive"
     elif policy == "epicache":  # EpiCache's default is the reference's "pair" heads; +heads names it for the others
@@ -246,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="epicache-layers: profile sample length")
     p.add_argument("--segment", type=positive_int, default=4,
                    help="utterances (locomo) / sentences (niah) per segment")
+    p.add_argument("--offload", choices=("cpu", "disk"), default="cpu", help="tiered-block: the lower tier")
+    p.add_argument("--offload-dir", help="tiered-block with --offload disk: the tier's directory (default: a temporary "
+                                         "one)")
     p.add_argument("--compiler", default="aot_eager")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -262,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     methods = args.methods
     torch.set_num_threads(args.threads)
+    if args.offload == "disk" and not args.offload_dir:
+        import tempfile
+
+        args.offload_dir = tempfile.mkdtemp(prefix="kvpass-qa-tier-")  # (the tier's files are unlinked at once)
 
     import kvpass.models
     from kvpass.models.data.samples import encode

@@ -20,11 +20,41 @@ threads over host memory or the mapped files), whatever device the model runs on
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import torch
 from torch import Tensor
 
 from kvpass.ops.kv import compact_ranks, evicted_indices, gather_slots
-from kvpass.ops.partial import attend_part_reference
+from kvpass.ops.partial import attend_part_reference, merge_parts_reference
+
+# slots of the lower tier attended at a time where it lives: a disk tier's pages are released after each run of this
+# many, so the process never holds more than one run of them (and the [rows, slots] temporaries stay bounded)
+TIER_CHUNK = 4096
+_MADV_DONTNEED = 4  # Linux: drop a range's pages from this process; a shared file mapping keeps its data in the file
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_mapped(x: Tensor, start: int, end: int) -> None:
+    """Drop the pages of slots ``start:end`` of a lower-tier tensor (``[B, H, L, *]``) from this process's resident
+    memory when the tensor is mapped from a file (a disk tier: its data stays in the file and the OS's page cache, and
+    is paged back in when read again); nothing for a host-memory tensor, or off Linux."""
+    storage = x.untyped_storage()
+    if _LIBC is None or end <= start or storage.filename is None:
+        return
+    item, (b, h), stride = x.element_size(), x.shape[:2], x.stride()
+    base, limit = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    for row in range(b):
+        for head in range(h):
+            first = base + (x.storage_offset() + row * stride[0] + head * stride[1] + start * stride[2]) * item
+            last = min(limit, first + (end - start) * stride[2] * item)
+            first -= first % _PAGE  # (whole pages: a shared mapping loses nothing outside the range)
+            if _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
+                raise OSError(ctypes.get_errno(), f"kvpass: madvise on a disk tier's pages failed: "
+                              f"{os.strerror(ctypes.get_errno())}")
 
 
 def evicted_reference(k: Tensor, v: Tensor, pos: Tensor, keep: Tensor, budget: int,
@@ -59,12 +89,23 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
     q ``[B, H_q, T, D]`` (any device); tier_k/tier_v ``[B, H_kv, L, D]``, tier_pos ``[B, H_kv, L]`` (-1: empty),
     on the tier's device; used: 0-d int64, slots written; q_pos ``[B, T]`` the queries' positions. Returns
     ``(out [B, H_q, T, D_v] in q's dtype, lse [B, H_q, T] float32)`` on q's device, as
-    :func:`kvpass.ops.partial.attend_part_reference` over those slots.
+    :func:`kvpass.ops.partial.attend_part_reference` over those slots: attended in runs of ``TIER_CHUNK`` slots,
+    merged exactly, a disk tier's pages released after each run (its resident memory stays one run).
     """
     n = int(used)
     where = tier_k.device
-    out, lse = attend_part_reference(q.to(where), tier_k[:, :, :n], tier_v[:, :, :n], tier_pos[:, :, :n],
-                                     q_pos.to(where), scale, window, softcap)
+    q_there, q_pos_there = q.to(where), q_pos.to(where)
+    outs, lses = [], []
+    for start in range(0, max(n, 1), TIER_CHUNK):  # (runs of slots: a disk tier's pages released after each)
+        end = min(n, start + TIER_CHUNK)
+        out, lse = attend_part_reference(q_there, tier_k[:, :, start:end], tier_v[:, :, start:end],
+                                         tier_pos[:, :, start:end], q_pos_there, scale, window, softcap)
+        outs.append(out)
+        lses.append(lse)
+        for x in (tier_k, tier_v, tier_pos):
+            release_mapped(x, start, end)
+    if len(outs) > 1:
+        out, lse = merge_parts_reference(torch.stack(outs), torch.stack(lses))
     return out.to(q.device), lse.to(q.device)
 
 
@@ -127,6 +168,8 @@ def _gathered(tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, idx: Tensor) -> 
     k = tier_k.reshape(b * hkv * n, d).index_select(0, flat).view(b, hq, r, d)
     v = tier_v.reshape(b * hkv * n, -1).index_select(0, flat).view(b, hq, r, tier_v.shape[-1])
     pos = tier_pos.reshape(-1).index_select(0, flat).view(b, hq, r).masked_fill(idx < 0, -1)
+    for x in (tier_k, tier_v, tier_pos):  # a disk tier: the pages read go back to the file
+        release_mapped(x, 0, n)
     return k, v, pos
 
 

@@ -10,7 +10,9 @@ Layout: ``k [B, H_kv, L, D]``, ``v [B, H_kv, L, D_v]``, ``pos [B, H_kv, L]`` int
 ``used`` slots are written; ``L`` grows by doubling (amortized O(1) per appended token), and the compiled graphs take
 it as a symbolic size, so growth never recompiles. ``"disk"`` tiers are files in ``offload_dir``, mapped with
 ``torch.from_file(shared=True)`` and unlinked at once: the mapping keeps them alive exactly as long as the tier, and
-the OS pages them in and out (a crashed process leaves no files behind).
+the OS pages them in and out (a crashed process leaves no files behind); what a tier writes or its attention reads
+is released from the process's resident memory at once (:func:`kvpass.ops.tier.release_mapped`), so a disk tier
+costs the process one run of ``TIER_CHUNK`` slots, however long it grows.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from kvpass.ops.tier import release_mapped
 
 # slots a lower tier is first allocated with (at least): a decode step then appends for a while before it grows
 _FIRST_SLOTS = 256
@@ -61,6 +65,8 @@ class LowerTier:
         self.k[:, :, self.used:end].copy_(k)
         self.v[:, :, self.used:end].copy_(v)
         self.pos[:, :, self.used:end].copy_(pos)
+        for x in (self.k, self.v, self.pos):  # a disk tier: what was written goes to the file, not this process
+            release_mapped(x, self.used, end)
         self.used = end
         return sum(x.numel() * x.element_size() for x in (k, v, pos))
 
@@ -99,6 +105,7 @@ class LowerTier:
         grown = LowerTier.empty(self.kind, self.directory, self.k, self.v, slots)
         for new, was in zip((grown.k, grown.v, grown.pos), old, strict=True):
             new[:, :, : self.used].copy_(was[:, :, : self.used])
+            release_mapped(new, 0, self.used)
         self.k, self.v, self.pos = grown.k, grown.v, grown.pos
 
 
@@ -118,6 +125,7 @@ def _allocate(kind: str, directory: str | None, shape: tuple[int, ...], dtype: t
         os.unlink(path)  # the mapping keeps the file's blocks until the tensor is freed
     if fill:
         tensor.fill_(fill)
+        release_mapped(tensor, 0, shape[2])
     return tensor
 
 

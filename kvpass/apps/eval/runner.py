@@ -11,6 +11,8 @@ positions must not be derived from its length.
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,9 @@ __all__ = [
     "greedy_generate",
     "score_continuation",
     "cache_bytes",
+    "warm_up",
+    "reset_peak_rss",
+    "peak_rss",
 ]
 
 Forward = Callable[..., Any]
@@ -104,6 +109,43 @@ def cache_bytes(cache: Any, storage: bool = False) -> int:
 
     walk(cache, 4)
     return total
+
+
+def warm_up(forward: Forward, model: torch.nn.Module, ids: torch.Tensor, steps: int = 2) -> None:
+    """Prefill ``ids`` (``[1, T]``) and decode ``steps`` tokens through a throwaway cache: compiles the graphs a run
+    over a longer prompt will use (shapes are dynamic), so that run's times and memory are its own."""
+    n = ids.shape[1]
+    with torch.inference_mode():
+        cache = new_cache(model)
+        forward(input_ids=ids, cache=cache, position_ids=torch.arange(n)[None], use_cache=True, logits_to_keep=1)
+        for i in range(steps):
+            forward(input_ids=ids[:, -1:], cache=cache, position_ids=torch.tensor([[n + i]]), use_cache=True)
+
+
+def reset_peak_rss() -> int | None:
+    """Reset this process's peak resident set (Linux: ``VmHWM``, by ``/proc/self/clear_refs``) and return the resident
+    set now, in bytes: :func:`peak_rss` less it is then the peak *growth* of what runs next (compiled before, so not
+    the compiler's). None where the OS keeps no such counter (then :func:`peak_rss` is the process's lifetime peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes, since the last :func:`reset_peak_rss` (Linux) or its start."""
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def _positions(start: int, n: int, device: torch.device) -> torch.Tensor:
