@@ -74,7 +74,7 @@ def run_rank(row: dict) -> dict:
         options["prefill_block"] = row["prefill_block"]
     forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
     n = row["context"]
-    warm_up(forward, model, ids[:, : min(n, 2 * (row["prefill_block"] or 512))])  # (compiled: not measured below)
+    warm_up(forward, model, ids, -(-row["budget"] // row["ranks"]), row["prefill_block"] or 512)  # (not measured)
     baseline = reset_peak_rss()
     cache = kvpass.CompressedCache(config=model.config)
     tokens: list[int] = []

