@@ -43,7 +43,7 @@ def _rank_main(rank: int, world: int, port: int, job, args: tuple, results) -> N
         results.put((rank, traceback.format_exc()))
 
 
-def run_ranks(world: int, job, *args, timeout: float = 420) -> list:
+def run_ranks(world: int, job, *args, timeout: float = 600) -> list:
     """Run ``job(rank, world, *args)`` in ``world`` spawned gloo ranks; each rank's return value, in rank order."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
