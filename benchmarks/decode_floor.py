@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 import kvpass
+from kvpass.apps.eval.runner import peak_rss
 from kvpass.validate import choice, csv, positive_int
 
 MODELS = ("smollm2-135m", "gemma3-270m", "tiny")  # tiny: a random 2-layer Llama (mechanics and speed only)
@@ -53,7 +53,7 @@ def run_row(row: dict) -> dict:
     """Prefill ``context`` tokens then ``steps`` decode steps; twice when compiled (the first compiles)."""
     torch.set_num_threads(row["threads"])
     model = load_model(row["model"])
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_loaded = peak_rss()
     forward = model.forward
     if row["mode"] in ("kvpass", "kvpass-static"):
         forward = torch.compile(model.forward, backend="kvpass", options={
@@ -97,7 +97,7 @@ def run_row(row: dict) -> dict:
         "decode_ms": statistics.median(times) * 1000,
         "kv_bytes": sum(s.kv_bytes for s in kvpass.kv_stats(cache)),
         "kv_slots_layer0": cache.layers[0].keys.shape[-2],
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss(),
         "rss_after_load_bytes": rss_loaded,
         "warmup_with_compile_s": first_call,
         "compile_s": compile_s,

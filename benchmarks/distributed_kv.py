@@ -112,7 +112,7 @@ def run_rank(row: dict) -> dict:
                 profiled_s = time.perf_counter() - t0
             collective_s = sum(e.self_cpu_time_total for e in prof.key_averages()
                                if "all_gather" in e.key or "wait_tensor" in e.key) / 1e6
-    stats = kvpass.kv_stats(cache)
+    stats, peak = kvpass.kv_stats(cache), peak_rss()
     return {
         **row,
         "rank": dist.get_rank() if split else 0,
@@ -123,8 +123,8 @@ def run_rank(row: dict) -> dict:
         "slots_per_layer": stats[0].slots,
         "tokens_held": stats[0].real_tokens // cache.layers[0].keys.shape[1],
         "tokens": tokens,
-        "peak_rss_bytes": peak_rss(),
-        "rss_growth_bytes": None if baseline is None else peak_rss() - baseline,
+        "peak_rss_bytes": peak,
+        "rss_growth_bytes": None if baseline is None else peak - baseline,
     }
 
 
@@ -142,19 +142,21 @@ def run_collectives(row: dict) -> dict:
     block, share = row["prefill_block"], row["context"] // world
     partial = torch.randn(1, heads, block, dim + 1)  # float32: the output and its log-sum-exp, as the graph packs them
     gathered = torch.empty(world * partial.numel())
-    kv, incoming = torch.randn(1, kv_heads, share, 2 * dim), torch.empty(1, kv_heads, share, 2 * dim)
+    kv = torch.randn(1, kv_heads, share, 2 * dim)
+    buffers = [torch.empty_like(kv), torch.empty_like(kv)]  # a hop receives into one while sending the other
 
     def all_gather() -> None:
         dist.all_gather_into_tensor(gathered, partial.flatten())
 
     def ring() -> None:
         sending = kv
-        for _ in range(world - 1):
+        for hop in range(world - 1):
+            incoming = buffers[hop % 2]
             ops = [dist.P2POp(dist.isend, sending, (rank + 1) % world),
                    dist.P2POp(dist.irecv, incoming, (rank - 1) % world)]
             for op in dist.batch_isend_irecv(ops):
                 op.wait()
-            sending = incoming.clone()
+            sending = incoming
 
     times = {}
     for name, fn in (("all_gather_partials", all_gather), ("ring_kv", ring)):

@@ -114,7 +114,9 @@ def run_row(row: dict) -> dict:
         **row,
         "prefill_s": prefill_s,
         "rss_growth_bytes": None if baseline is None else peak - baseline,
-        "held_kv_bytes": sum(s.kv_bytes for s in stats) + (row["prefill_block"] or n) * per_token,
+        # the KV the process must hold: its stores, a host tier, one prefill block's (or the prompt's) keys and values
+        "held_kv_bytes": sum(s.kv_bytes + (s.tier_bytes if options.get("offload") == "cpu" else 0) for s in stats)
+        + (row["prefill_block"] or n) * per_token,
         "decode_ms": statistics.median(times) * 1000,
         "decode_mean_ms": statistics.fmean(times) * 1000,
         "device_kv_bytes": sum(s.kv_bytes for s in stats),

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/question_agnostic")
-    p.add_argument("--resume", action="store_true", help="keep --out's finished (method, budget) cells, run the rest")
+    p.add_argument("--resume", action="store_true",
+                   help="keep --out's finished (method, budget, context) answers, run the rest")
     p.add_argument("--rescore", action="store_true",
                    help="re-check --out's recorded outputs with the current answer matching (runs no model)")
     args = p.parse_args(argv)
@@ -272,10 +273,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     methods = args.methods
     torch.set_num_threads(args.threads)
-    if args.offload == "disk" and not args.offload_dir:
+    if args.offload == "disk" and not args.offload_dir and any(m.startswith("tiered-block") for m in methods):
+        import atexit
+        import shutil
         import tempfile
 
-        args.offload_dir = tempfile.mkdtemp(prefix="kvpass-qa-tier-")  # (the tier's files are unlinked at once)
+        args.offload_dir = tempfile.mkdtemp(prefix="kvpass-qa-tier-")
+        atexit.register(shutil.rmtree, args.offload_dir, True)
 
     import kvpass.models
     from kvpass.models.data.samples import encode
@@ -297,18 +301,26 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"args": vars(args), "date": dt.date.today().isoformat(), "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     records = json.loads((out / "results.json").read_text())["records"] if args.resume else []
-    done = {(r["method"], r["budget"]) for r in records}
+    asked = {c["uid"]: len(c["questions"]) for c in contexts}
+    answered = defaultdict(int)
+    for r in records:
+        answered[(r["method"], r["budget"], r["context"])] += 1
+    # a context is done once all its questions are recorded: a cell interrupted mid-context redoes that context
+    # (records of contexts this run does not ask about, e.g. other NIAH lengths, are kept as they are)
+    done = {key for key, count in answered.items() if count == asked.get(key[2])}
+    records = [r for r in records if (r["method"], r["budget"], r["context"]) in done or r["context"] not in asked]
     longest = max(len(c["context"]) for c in contexts)
     for method in methods:
         for budget in [None] if method == "full" else args.budgets:
-            if (method, budget) in done:
+            todo = [c for c in contexts if (method, budget, c["uid"]) not in done]
+            if not todo:
                 continue
             torch._dynamo.reset()
             # full: room for the longest context, its question and answer (nothing is ever evicted)
             options = _options(method, longest + 128 if budget is None else budget, args, model, tok)
             forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
             embed = sentence_embed(tok) if method.startswith("epicache-minilm") else None  # loaded once per cell
-            for c in contexts:
+            for c in todo:
                 n = len(c["context"])
                 t0 = time.perf_counter()
                 if method.startswith("epicache"):
@@ -324,10 +336,12 @@ def main(argv: list[str] | None = None) -> None:
                 for q_ids, sample, span in c["questions"]:
                     routed_ok = None
                     if method.startswith("epicache"):
-                        tokens, episode = epi.answer(q_ids, sample.max_new_tokens, stop)
+                        # routed by the question alone (the reference embeds the question, not the answer prefix)
+                        tokens, episode = epi.answer(q_ids, sample.max_new_tokens, stop,
+                                                     query_ids=encode(tok, sample.meta["question"]))
                         used = epi.contexts[episode]
                         held = [i for i, (s, e) in enumerate(segments) if s < span[1] and span[0] < e]
-                        routed_ok = bool(epi.route(q_ids) in {int(epi.labels[i]) for i in held})
+                        routed_ok = bool(episode in {int(epi.labels[i]) for i in held})
                     else:
                         tokens = answer(forward, model, ctx, q_ids, sample.max_new_tokens, stop,
                                         token_by_token=method == "sentencekv-stepwise")
@@ -345,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{method:>13} {budget or 'all':>5} {sample.uid}: {text!r} (want {sample.answers[0]}, "
                           f"{'ok' if records[-1]['correct'] else 'wrong'}; span kept {kept:.2f}"
                           f"{'' if routed_ok is None else f', routed to fact {routed_ok}'})", flush=True)
-            _write(out, meta, records, complete=False)
+                _write(out, meta, records, complete=False)
 
     _write(out, meta, records, complete=True)
     summary = _summarize(records)

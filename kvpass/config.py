@@ -173,6 +173,11 @@ def parse_options(options: dict[str, Any] | None) -> KVPassOptions:
         raise OptionError(f"kvpass: option 'reserve' must be an int >= 0 (store slots past the budget that forwards "
                           f"after the prefill fill before anything is evicted), got {reserve!r}")
     distribute, placement_block, placement, rank_budgets = _distribute_options(options, head_budgets)
+    if distribute is not None and getattr(policy, "needs_observation_prompt", False):
+        raise OptionError(
+            f"kvpass: policy {name!r} scores each block by an observation prompt's softmax over the context alone "
+            f"(option 'scores'='context'), which option 'distribute' ({distribute!r}) does not normalize across ranks "
+            "yet; use 'scores': 'forward' or a policy scored by the forward's own attention")
     offload, offload_dir, offload_attention = _offload_options(options, head_budgets, distribute, policy)
     if policy.name == "sentencekv":
         _check_sentencekv(policy, budget, offload, prefill_block, reserve)
@@ -259,12 +264,13 @@ def _distribute_options(options: dict[str, Any],
     if distribute is not None and distribute not in DISTRIBUTE:
         raise OptionError(f"kvpass: option 'distribute' must be one of {list(DISTRIBUTE)} (split each layer's KV "
                          f"over the ranks of torch.distributed's default group), got {distribute!r}")
-    placed = {key: options[key] for key in ("placement_block", "placement", "rank_budgets") if key in options}
+    placed = {key: options[key] for key in ("placement_block", "placement", "rank_budgets")
+              if options.get(key) is not None}
     if placed and distribute is None:
         raise OptionError(f"kvpass: options {placed} place tokens on ranks; they need 'distribute': 'context'")
     placement_block = options.get("placement_block")
     placement_block = 1 if placement_block is None else _positive_int("placement_block", placement_block)
-    placement = options.get("placement", "most_free")
+    placement = options.get("placement") or "most_free"
     if placement not in PLACEMENTS:
         raise OptionError(f"kvpass: option 'placement' must be one of {list(PLACEMENTS)} (a run of placement_block "
                           f"tokens goes to the rank with the most free slots, or to the ranks in turn), got "

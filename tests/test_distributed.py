@@ -284,7 +284,7 @@ def _rank_budgets_job(rank: int, world: int) -> dict:
     model.forward = _compiled(model, rank_budgets=[32, 32], distribute="context")
     try:
         model(torch.randint(3, 128, (1, 8)))
-    except UnsupportedGraph as err:
+    except OptionError as err:
         return {"refused": str(err)}
     return {"refused": None}
 
@@ -310,6 +310,9 @@ def test_distribute_without_a_process_group_is_refused_by_name():
     ({"placement": "round_robin"}, "'round_robin'"),
     ({"distribute": "context", "rank_budgets": [32, 0]}, r"\[32, 0\]"),
     ({"distribute": "context", "rank_budgets": [32, 16]}, "48"),  # budget 64 given too: not their sum
+    # EpiCache's softmax over the context alone is a rank's own keys only: not normalized across ranks
+    ({"distribute": "context", "policy": "epicache", "head_budgets": "uniform", "prefill_block": 16},
+     "'epicache'.*'context'"),
 ])
 def test_bad_distribute_options_are_refused_quoting_them(options, quoted):
     with pytest.raises(OptionError, match=quoted):

@@ -7,7 +7,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from kvpass.apps.episodic import EpisodicCache, answer, compress_context, unit_rows
+from kvpass.apps.episodic import (
+    PATCHED_INSTRUCTION,
+    EpisodicCache,
+    answer,
+    compress_context,
+    patched_prompt_prefix,
+    unit_rows,
+)
 from kvpass.ops import slot_heads
 from kvpass.runtime.state import store_state
 
@@ -70,6 +77,8 @@ def test_episodic_cache_builds_one_cache_per_episode_and_routes_questions():
     assert low_topic != high_topic
     tokens, episode = epi.answer(list(range(70, 75)), 3)
     assert episode == high_topic and len(tokens) == 3
+    # routed by the question alone when given (the prompt's answer prefix may be of the other topic)
+    assert epi.answer(list(range(2, 7)), 3, query_ids=list(range(70, 90)))[1] == high_topic
     with pytest.raises(ValueError, match="need 23 slots past the budget and option 'reserve' is 8"):
         epi.answer(list(range(70, 90)), 3)
 
@@ -243,3 +252,15 @@ def test_episode_and_observation_settings_reject_nonsense_quoting_it():
     with pytest.raises(ValueError, match="a list of one per row.*got 3"):
         with kvpass.observing(3):
             pass
+
+
+def test_the_patched_prompt_prefix_ends_the_user_turn_by_the_template_or_is_the_instruction_alone():
+    """The reference's postfix from a chat template (SmolLM2's ChatML); a base model's tokenizer with no template
+    (such as Gemma-3-270M's) gets the instruction with no turn markers."""
+    from kvpass.models import load_tokenizer
+
+    chat = load_tokenizer("smollm2-135m")
+    assert chat.decode(patched_prompt_prefix(chat)) == PATCHED_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n"
+    base = copy.deepcopy(chat)
+    base.chat_template = None
+    assert base.decode(patched_prompt_prefix(base)) == PATCHED_INSTRUCTION

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from kvpass.apps.eval.runner import resident_bytes
 from kvpass.runtime.tier import LowerTier
 
 
@@ -59,12 +60,7 @@ def test_rows_selects_batch_rows_into_a_new_tier(kind, tmp_path):
     torch.testing.assert_close(tier.v[:, :, :30], v, rtol=0, atol=0)  # the original is untouched
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's resident set size")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's resident set size")
 def test_a_disk_tier_does_not_stay_resident_and_reads_back_what_it_wrote(tmp_path):
     """64 MiB appended to a disk tier and attended in place: the process's resident memory grows by far less (its
     pages go back to the file after each write and each run of attention), and nothing written is lost."""
@@ -73,14 +69,14 @@ def test_a_disk_tier_does_not_stay_resident_and_reads_back_what_it_wrote(tmp_pat
     k = torch.randn(1, 2, 32768, 128, generator=torch.Generator().manual_seed(0))  # 32 MiB of keys, as many values
     pos = torch.arange(32768).expand(1, 2, 32768)
     tier = LowerTier.empty("disk", str(tmp_path), k[:, :, :1], k[:, :, :1], 32768)
-    before = _resident_bytes()
+    before = resident_bytes()
     for start in range(0, 32768, 4096):  # as block-wise prefills append
         tier.append(k[:, :, start:start + 4096], k[:, :, start:start + 4096], pos[:, :, start:start + 4096])
-    written = _resident_bytes() - before
+    written = resident_bytes() - before
     q = torch.randn(1, 4, 1, 128)
     out, lse = tier_attend_reference(q, tier.k, tier.v, tier.pos, torch.tensor(tier.used), torch.tensor([[32768]]),
                                      0.1)
-    attended = _resident_bytes() - before
+    attended = resident_bytes() - before
     run_bytes = TIER_CHUNK * 2 * 128 * 4 * 2  # one run of keys and values, both heads
     assert written < 4 * run_bytes and attended < 4 * run_bytes, (written, attended)
     torch.testing.assert_close(tier.k[:, :, :32768], k, rtol=0, atol=0)  # paged back in from the file

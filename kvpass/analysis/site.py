@@ -60,6 +60,11 @@ class AttentionSite:
     attn_keys: fx.Node | None = None
     attn_values: fx.Node | None = None
 
+    @property
+    def hf_window(self) -> bool:
+        """A sliding layer whose cache keeps only its window: HF's store is already bounded, kvpass leaves it."""
+        return bool(self.window) and not self.masked_window
+
     def describe(self) -> str:
         past = "store input" if self.past_keys is not None else "empty (first forward)"
         if self.static_writes:

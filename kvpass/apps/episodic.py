@@ -88,7 +88,12 @@ PATCHED_INSTRUCTION = ("\n\nExtract essential information from this conversation
 
 def patched_prompt_prefix(tokenizer) -> list[int]:
     """The tokens EpiCache's reference puts before an episode's windows: its instruction, then the chat template's
-    end of the user turn and start of the assistant's (the reference's ``postfix``), from ``tokenizer``'s template."""
+    end of the user turn and start of the assistant's (the reference's ``postfix``), from ``tokenizer``'s template.
+
+    A tokenizer without a chat template (a base model, such as the shipped Gemma-3-270M) gets the instruction alone:
+    the reference supports chat models only (Llama-3, Mistral, Qwen2.5 templates), so it has no rule for this case."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return tokenizer.encode(PATCHED_INSTRUCTION, add_special_tokens=False)
     marker = "\x00kvpass\x00"
     turn = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
                                          add_generation_prompt=True)
@@ -213,9 +218,11 @@ class EpisodicCache:
             return int(self.labels[int(np.argmax(self.vectors @ question))])
         return int(np.argmax(self.centroids @ question))
 
-    def answer(self, question_ids: Sequence[int], max_new_tokens: int,
-               stop_ids: Sequence[int] = ()) -> tuple[list[int], int]:
-        """Greedy answer from the question's episode; returns ``(tokens, episode)``."""
+    def answer(self, question_ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
+               query_ids: Sequence[int] | None = None) -> tuple[list[int], int]:
+        """Greedy answer from the question's episode; returns ``(tokens, episode)``. ``query_ids``: what is embedded
+        to route (default ``question_ids``): the reference embeds the question alone, so a prompt that ends with an
+        answer prefix ("Answer: Alice's sister is named") routes by the question's own tokens."""
         needed = len(question_ids) + max_new_tokens
         if not self.evict_answers and needed > self.reserve:
             raise OptionError(
@@ -223,7 +230,7 @@ class EpisodicCache:
                 f"its answer (up to {max_new_tokens}) need {needed} slots past the budget and option 'reserve' is "
                 f"{self.reserve}. Compile with 'reserve' >= {needed}, or pass evict_answers=True to let them evict "
                 "context tokens (a kvpass departure)")
-        episode = self.route(question_ids)
+        episode = self.route(question_ids if query_ids is None else query_ids)
         tokens = answer(self.forward, self.model, self.contexts[episode], question_ids,
                         max_new_tokens, stop_ids)
         return tokens, episode

@@ -47,14 +47,18 @@ def release_mapped(x: Tensor, start: int, end: int) -> None:
         return
     item, (b, h), stride = x.element_size(), x.shape[:2], x.stride()
     base, limit = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    for row in range(b):
-        for head in range(h):
-            first = base + (x.storage_offset() + row * stride[0] + head * stride[1] + start * stride[2]) * item
-            last = min(limit, first + (end - start) * stride[2] * item)
-            first -= first % _PAGE  # (whole pages: a shared mapping loses nothing outside the range)
-            if _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
-                raise OSError(ctypes.get_errno(), f"kvpass: madvise on a disk tier's pages failed: "
-                              f"{os.strerror(ctypes.get_errno())}")
+    offset = base + x.storage_offset() * item
+    if start == 0 and end >= x.shape[2] and x.is_contiguous():  # every slot of every row: one range
+        ranges = [(offset, x.numel() * item)]
+    else:
+        ranges = [(offset + (row * stride[0] + head * stride[1] + start * stride[2]) * item,
+                   (end - start) * stride[2] * item) for row in range(b) for head in range(h)]
+    for first, size in ranges:
+        last = min(limit, first + size)
+        first -= first % _PAGE  # (whole pages: a shared mapping loses nothing outside the range)
+        if _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), f"kvpass: madvise on a disk tier's pages failed: "
+                          f"{os.strerror(ctypes.get_errno())}")
 
 
 def evicted_reference(k: Tensor, v: Tensor, pos: Tensor, keep: Tensor, budget: int,
@@ -100,13 +104,13 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
         end = min(n, start + TIER_CHUNK)
         out, lse = attend_part_reference(q_there, tier_k[:, :, start:end], tier_v[:, :, start:end],
                                          tier_pos[:, :, start:end], q_pos_there, scale, window, softcap)
-        outs.append(out)
+        outs.append(out.float())  # (merged in float32: one rounding to q's dtype, as a single run has)
         lses.append(lse)
         for x in (tier_k, tier_v, tier_pos):
             release_mapped(x, start, end)
     if len(outs) > 1:
         out, lse = merge_parts_reference(torch.stack(outs), torch.stack(lses))
-    return out.to(q.device), lse.to(q.device)
+    return out.to(device=q.device, dtype=q.dtype), lse.to(q.device)
 
 
 tier_attend = torch.library.custom_op("kvpass::tier_attend", mutates_args=())(tier_attend_reference)

@@ -128,7 +128,7 @@ def rewrite_blocks(graph: fx.Graph, sites: list[AttentionSite], options: KVPassO
     rewrite = InsertKVEviction(options)
     to_blocks = BlockwisePrefill({site.layer: rewrite.block_budget(site, len(sites), seq)[1] for site in sites})
     # sliding layers whose cache keeps HF's window (Gemma-3's local layers, Mistral's): carried, not evicted
-    windows = {site.layer: site.window for site in sites if site.window and not site.masked_window}
+    windows = {site.layer: site.window for site in sites if site.hf_window}
     block = to_blocks(graph, sites)
     plans = rewrite(graph, sites, block)
     layout = BlockLayout.of(placeholders, list(graph.output_node().args[0][:n_outputs]), block, plans, windows)

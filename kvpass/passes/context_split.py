@@ -4,7 +4,7 @@ Infinite-LLM's DistAttention (Lin et al., "Infinite-LLM: Efficient LLM Service f
 and Distributed KVCache", arXiv:2401.02669): a layer's KV lives in pieces on several devices, each device computes
 the attention of the (replicated) queries over its own piece, and the partial results are merged. Here every rank
 runs the same model on the same tokens; a token's keys and values are *kept* only by the rank that owns its
-position, so each rank's fixed-capacity store holds ``1/N`` of the context, and attention over the whole context is
+position, so each rank's fixed-capacity store holds its share of the context, and attention over the whole context is
 ``kvpass::attend_part`` over the rank's own slots, an all-gather of (output, log-sum-exp) as a functional collective
 in the compiled graph, and ``kvpass::merge_parts`` (exact: the log-sum-exp rescaling).
 
@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from kvpass.analysis import UnsupportedGraph
+from kvpass.errors import OptionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +55,9 @@ class ContextSplit:
                 "(gloo on CPU, nccl on GPU) in every rank before the first forward, and launch with torchrun")
         world = dist.get_world_size()
         if rank_budgets is not None and len(rank_budgets) != world:
-            raise UnsupportedGraph(f"kvpass: option 'rank_budgets' has {len(rank_budgets)} entries "
-                                   f"({list(rank_budgets)}) but the default process group has {world} ranks; give "
-                                   "one per rank")
+            raise OptionError(f"kvpass: option 'rank_budgets' has {len(rank_budgets)} entries "
+                              f"({list(rank_budgets)}) but the default process group has {world} ranks; give one "
+                              "per rank")
         return cls(dist.get_rank(), world, dist.group.WORLD.group_name, placement_block, placement, rank_budgets)
 
     def runs_for(self, total: int) -> tuple[int, ...]:
@@ -103,12 +104,10 @@ class ContextSplit:
         """``pos`` with the slots this rank does not own set to -1 (empty: never attended, evicted first)."""
         g = graph.call_function
         run = g(operator.floordiv, (pos, self.placement_block))
-        # equal stores: the most-free rule is round-robin (one segment)
-        segments = self.segments() if self.placement == "most_free" and self.weights else ((0,), ())
-        if len(segments[0]) == 1:
+        if self.placement == "most_free" and len(set(self.runs)) > 1:
+            owner = g(most_free_owner, (run, *self.segments()))
+        else:  # stores of equal runs: the most-free rule is round-robin
             owner = g(operator.mod, (run, self.world))
-        else:
-            owner = g(most_free_owner, (run, *segments))
         return g(torch.where, (g(operator.eq, (owner, self.rank)), pos, -1))
 
     def all_gather(self, graph: fx.Graph, x: fx.Node) -> fx.Node:

@@ -177,11 +177,6 @@ class SitePlan:
         continues = has_store and not static and block is None  # a decode step, a question: fills the reserve
         scored_by_prompt = getattr(options.policy, "needs_observation_prompt", False)  # EpiCache's context scores
         context_scores = block is not None and scored_by_prompt and not recency
-        if context_scores and split is not None:
-            raise UnsupportedGraph(
-                f"kvpass: policy {options.policy.name!r} scores each block by an observation prompt's softmax over the "
-                "context alone (option 'scores'='context'), which option 'distribute' does not normalize across "
-                "ranks yet; use 'scores': 'forward' or a policy scored by the forward's own attention")
         policy = RECENCY if recency else options.policy.spec()
         sentences = options.policy.name == "sentencekv" and not recency
         if sentences and (site.sinks is not None or node_value(site.attn).dim() == 3):

@@ -93,7 +93,7 @@ class InsertKVEviction:
     positions this rank owns, in a store of its share of the budget (:meth:`ContextSplit.share`), and its attention is
     the exact merge of every rank's partial attention, gathered by a functional collective in the graph; counted as
     ``split_sites``. Each store is sized and placed for its layer's budget (:meth:`ContextSplit.of_budget`: the
-    ranks' shares, equal or ``rank_budgets``'); a reserve is shared likewise (:meth:`ContextSplit.reserve_share`).
+    ranks' shares, equal or by ``rank_budgets``); a reserve is shared likewise (:meth:`ContextSplit.reserve_share`).
     Sliding-window sites (left to HF, or carried through a block graph) keep their whole window on every rank.
 
     With option ``offload`` (a tiered store: :mod:`kvpass.ops.tier`) each rewritten site also returns what its
@@ -130,7 +130,7 @@ class InsertKVEviction:
         output = graph.output_node()
         plans, above_budget = [], []
         for site in sites:
-            if site.window and not site.masked_window and block is None:  # (a block graph carries it: _rewrite)
+            if site.hf_window and block is None:  # (a block graph carries it: _rewrite)
                 self._keep_window(graph, site)
                 budget = self.budget(site, len(sites), node_value(site.q).shape[2], site.past_keys is not None)[0]
                 if site.window - 1 > budget:
@@ -191,9 +191,9 @@ class InsertKVEviction:
             budget, capacity = self.block_budget(site, n_layers, n_new)
         else:
             budget, capacity = self.budget(site, n_layers, n_new, has_store)
-        carried = block is not None and site.window and not site.masked_window  # HF's window: whole on every rank
+        carried = block is not None and site.hf_window  # HF's window: whole on every rank
         split = None if self.split is None or carried else self.split.of_budget(
-            self.options.budget_for(site.layer, n_layers, 0)) if self.split.weights else self.split
+            self.options.budget_for(site.layer, n_layers, 0))
         plan = SitePlan.of(site, self.options, budget, capacity, block, placeholders, split)
         out = node_value(site.attn)  # (read before the rewrite replaces it)
         value_dim, tier_query_bytes = out.shape[-1], self._tier_query_bytes(plan, out.shape[-1])
@@ -240,7 +240,7 @@ class InsertKVEviction:
         """(tokens kept, store slots) of ``site``'s store in a block graph of ``seq`` tokens: a sliding layer whose
         cache keeps HF's window carries its last ``window - 1`` tokens (all that the next block's queries can see, and
         what HF's cache holds after the prompt), every other layer its budget."""
-        if site.window and not site.masked_window:
+        if site.hf_window:
             return site.window - 1, site.window - 1
         return self.budget(site, n_layers, seq, False)
 

@@ -158,8 +158,8 @@ def conversation_samples(
 
     Returns:
         Samples whose prompts share the conversation and differ in the question; ``meta`` has
-        ``conversation``, ``session`` (0-based index holding the fact), ``kind``, ``speaker``,
-        ``fact_span`` (token span of the fact's line), ``context_tokens``.
+        ``conversation``, ``session`` (0-based index holding the fact), ``kind``, ``speaker``, ``question`` (its
+        text, without the answer prefix), ``fact_span`` (token span of the fact's line), ``context_tokens``.
     """
     q = questions_per_conversation
     if not 1 <= q <= min(len(FACTS), num_sessions - (1 if distractors else 0)):
@@ -229,6 +229,7 @@ def conversation_samples(
                         "session": fact_sessions[i],
                         "kind": f.kind,
                         "speaker": who,
+                        "question": f.question.format(s=who),  # the question alone (no answer prefix)
                         "fact_span": fact_spans[i],
                         "context_tokens": len(ids),
                         "distractors": distractors,

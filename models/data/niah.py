@@ -159,6 +159,7 @@ def niah_samples(
                             "needle_depth": inserts[0] / n_hay,
                             "needle_spans": spans,
                             "key": keys[0],
+                            "question": f"What is the special magic number for {keys[0]} mentioned in the text above?",
                             "num_keys": num_keys,
                             "corpus": corpus,
                         },

@@ -122,9 +122,11 @@ def warm_up(forward: Forward, model: torch.nn.Module, ids: torch.Tensor, store: 
     ids = ids[:, :n].clone()  # (a slice keeps the prompt's row stride, which Dynamo guards: the run would recompile)
     with torch.inference_mode():
         cache = new_cache(model)
-        forward(input_ids=ids, cache=cache, position_ids=torch.arange(n)[None], use_cache=True, logits_to_keep=1)
+        forward(input_ids=ids, cache=cache, position_ids=_positions(0, n, ids.device), use_cache=True,
+                logits_to_keep=1)
         for i in range(steps):
-            forward(input_ids=ids[:, -1:].clone(), cache=cache, position_ids=torch.tensor([[n + i]]), use_cache=True)
+            forward(input_ids=ids[:, -1:].clone(), cache=cache, position_ids=_positions(n + i, 1, ids.device),
+                    use_cache=True)
 
 
 def reset_peak_rss() -> int | None:
@@ -134,7 +136,7 @@ def reset_peak_rss() -> int | None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _status_bytes("VmRSS")
+        return resident_bytes()
     except OSError:
         return None
 
@@ -145,6 +147,11 @@ def peak_rss() -> int:
         return _status_bytes("VmHWM")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def resident_bytes() -> int:
+    """This process's resident set now, in bytes (Linux: ``VmRSS``; OSError elsewhere)."""
+    return _status_bytes("VmRSS")
 
 
 def _status_bytes(field: str) -> int:
