@@ -131,11 +131,11 @@ def run_rank(row: dict) -> dict:
 def run_collectives(row: dict) -> dict:
     """Median seconds per layer of one block's transfer: the partials' all-gather vs the KV's ring pass."""
     import torch.distributed as dist
-    from kvpass.models import load
+    from kvpass.models import load_config
 
     dist.init_process_group("gloo")
     torch.set_num_threads(row["threads"])
-    config = load(row["model"])[0].config
+    config = load_config(row["model"])
     rank, world = dist.get_rank(), dist.get_world_size()
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -3,6 +3,6 @@
 This package never imports anything from the rest of kvpass.
 """
 
-from .loaders import DEFAULT_MODEL, MODELS, load, load_tokenizer
+from .loaders import DEFAULT_MODEL, MODELS, load, load_config, load_tokenizer
 
-__all__ = ["DEFAULT_MODEL", "MODELS", "load", "load_tokenizer"]
+__all__ = ["DEFAULT_MODEL", "MODELS", "load", "load_config", "load_tokenizer"]

