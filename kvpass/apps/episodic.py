@@ -120,9 +120,8 @@ class EpisodicCache:
     reference's scripts), in conversation order, each followed by ``separator_ids``, at full length; a question goes
     to the episode whose centroid has the largest dot product with its normalized embedding. Each episode's cache is
     built by its own block-wise prefill (the reference's loop), or with ``batched=True`` all in one (the episodes are
-    the rows of one batch, each with its own patched prompt; the same caches, but measured 3.6x slower on a 2-core
-    CPU: every row's prompt is padded to the longest, and the packed ``pair`` attention's temporaries grow with the
-    batch; see BENCHMARKS.md).
+    the rows of one batch, each with its own patched prompt; the same caches, but measured slower on a 2-core CPU,
+    3.6x on SmolLM2 and 1.6x on Gemma-3: every row's prompt is padded to the longest; see BENCHMARKS.md).
 
     Answers are appended to a copy of the episode's cache without evicting anything (the reference appends question
     and answer and slices them off afterwards): the compiled forward's ``reserve`` option must hold the question and
