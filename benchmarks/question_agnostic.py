@@ -50,7 +50,7 @@ import json
 import platform
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -302,9 +302,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     records = json.loads((out / "results.json").read_text())["records"] if args.resume else []
     asked = {c["uid"]: len(c["questions"]) for c in contexts}
-    answered = defaultdict(int)
-    for r in records:
-        answered[(r["method"], r["budget"], r["context"])] += 1
+    answered = Counter((r["method"], r["budget"], r["context"]) for r in records)
     # a context is done once all its questions are recorded: a cell interrupted mid-context redoes that context
     # (records of contexts this run does not ask about, e.g. other NIAH lengths, are kept as they are)
     done = {key for key, count in answered.items() if count == asked.get(key[2])}

@@ -115,11 +115,10 @@ def niah_samples(
                     encode(tokenizer, f" The special magic number for {k} is {v}. ")
                     for k, v in zip(keys, values, strict=True)
                 ]
+                asked = f"What is the special magic number for {keys[0]} mentioned in the text above?"
                 question = encode(
                     tokenizer,
-                    f"\n\nQuestion: What is the special magic number for {keys[0]} "
-                    "mentioned in the text above?"
-                    f"\nAnswer: The special magic number for {keys[0]} is",
+                    f"\n\nQuestion: {asked}\nAnswer: The special magic number for {keys[0]} is",
                 )
                 n_hay = length - len(header) - sum(map(len, needles)) - len(question)
                 if n_hay < 16:
@@ -159,7 +158,7 @@ def niah_samples(
                             "needle_depth": inserts[0] / n_hay,
                             "needle_spans": spans,
                             "key": keys[0],
-                            "question": f"What is the special magic number for {keys[0]} mentioned in the text above?",
+                            "question": asked,
                             "num_keys": num_keys,
                             "corpus": corpus,
                         },
