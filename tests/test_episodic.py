@@ -1,6 +1,7 @@
 """Question-agnostic compression (compress once, answer later) and EpiCache's episodic caches."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from kvpass.apps.episodic import (
     EpisodicCache,
     answer,
     compress_context,
+    episode_batches,
     patched_prompt_prefix,
     unit_rows,
 )
@@ -185,6 +187,9 @@ def test_episodes_patched_prompts_and_routing_follow_the_reference():
     for question in ([5, 6, 7, 8], [100, 101, 102], [60, 3, 90]):
         q = unit_rows(epi.embed_input_mean([question]).astype(np.float64))[0]
         assert epi.route(question) == int(np.argmax([float(np.dot(q, c)) for c in epi.centroids]))
+        assert epi.route(question, rule="segment") == int(epi.labels[int(np.argmax(epi.vectors @ q))])
+    with pytest.raises(ValueError, match="route must be one of .* got 'nearest'"):
+        epi.route([5, 6, 7], rule="nearest")
 
 
 def test_batched_episode_build_equals_one_prefill_per_episode():
@@ -196,7 +201,7 @@ def test_batched_episode_build_equals_one_prefill_per_episode():
         seg = torch.randint(1 if i % 2 == 0 else 64, 64 if i % 2 == 0 else 127, (9 + i % 8,), generator=g).tolist()
         segments.append((len(context), len(context) + len(seg)))
         context += seg
-    batched = EpisodicCache(forward, model, options, medoids=2, batched=True)
+    batched = EpisodicCache(forward, model, options, medoids=2, batched=True, batch_padding=float("inf"))
     batched.build(context, segments)
     sequential = EpisodicCache(forward, model, options, medoids=2, batched=False)
     sequential.build(context, segments)
@@ -208,6 +213,24 @@ def test_batched_episode_build_equals_one_prefill_per_episode():
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
     for question in ([5, 6, 7], [90, 91, 92, 93]):
         assert batched.answer(question, 4) == sequential.answer(question, 4)
+
+
+def test_episode_batches_group_by_length_under_the_padding_allowed():
+    # Gemma-3's measured prompts (161, 759, 261, 371 tokens) beside a 256-token block: token rows per block
+    rows = [417, 1015, 517, 627]
+    assert episode_batches(rows, float("inf")) == [[0, 2, 3, 1]]
+    assert episode_batches(rows, 0.25) == [[0, 2, 3], [1]]  # 3 x 627 = 1881 <= 1.25 x 1561; adding 1015 is not
+    assert episode_batches(rows, 0.1) == [[0], [2, 3], [1]]  # 2 x 517 > 1.1 x 934; 2 x 627 <= 1.1 x 1144
+    assert episode_batches(rows, 0.05) == [[0], [2], [3], [1]]
+    assert episode_batches([300, 300, 300], 0.0) == [[0, 1, 2]]  # equal rows pad nothing
+
+
+@pytest.mark.parametrize("bad", [-0.5, "0.1", True, float("nan")])
+def test_batch_padding_must_be_a_number_at_least_zero(bad):
+    model = tiny_model()
+    forward, options = compiled(model, policy="epicache", budget=24, prefill_block=16, episodes=3, reserve=10)
+    with pytest.raises(ValueError, match=f"batch_padding .* got {re.escape(repr(bad))}"):
+        EpisodicCache(forward, model, options, batched=True, batch_padding=bad)
 
 
 def real_positions(keys) -> set[tuple[int, int]]:

@@ -119,9 +119,11 @@ class EpisodicCache:
     :func:`patched_prompt_prefix`) followed by the ``medoids`` windows most cosine-similar to its centroid (8 in the
     reference's scripts), in conversation order, each followed by ``separator_ids``, at full length; a question goes
     to the episode whose centroid has the largest dot product with its normalized embedding. Each episode's cache is
-    built by its own block-wise prefill (the reference's loop), or with ``batched=True`` all in one (the episodes are
-    the rows of one batch, each with its own patched prompt; the same caches, but measured slower on a 2-core CPU,
-    3.6x on SmolLM2 and 1.6x on Gemma-3: every row's prompt is padded to the longest; see BENCHMARKS.md).
+    built by its own block-wise prefill (the reference's loop), or with ``batched=True`` as the rows of batched
+    prefills (each row observed by its own patched prompt; the same caches): a batch's prompts are padded to its
+    longest, so episodes are grouped by prompt length (:func:`episode_batches`), a group's padding at most
+    ``batch_padding`` of its real token rows (``float("inf")``: one batch; on a CPU, which gains nothing from batching
+    rows, padding is pure cost: BENCHMARKS.md).
 
     Answers are appended to a copy of the episode's cache without evicting anything (the reference appends question
     and answer and slices them off afterwards): the compiled forward's ``reserve`` option must hold the question and
@@ -137,7 +139,8 @@ class EpisodicCache:
     def __init__(self, forward, model: torch.nn.Module, options: dict, seed: int = 42,
                  embed: Callable[[Sequence[Sequence[int]]], np.ndarray] | None = None,
                  route: str = "centroid", medoids: int = 8, prefix_ids: Sequence[int] = (),
-                 separator_ids: Sequence[int] = (), batched: bool = False, evict_answers: bool = False) -> None:
+                 separator_ids: Sequence[int] = (), batched: bool = False, batch_padding: float = 0.1,
+                 evict_answers: bool = False) -> None:
         opts = parse_options(options)
         if opts.policy.name != "epicache" or opts.episodes is None:
             raise OptionError(f"kvpass: EpisodicCache needs options with policy 'epicache' and 'episodes'; got "
@@ -150,10 +153,13 @@ class EpisodicCache:
         if isinstance(medoids, bool) or not isinstance(medoids, int) or medoids < 1:
             raise ValueError(f"kvpass: EpisodicCache's medoids (windows per patched prompt) must be an int >= 1; got "
                              f"{medoids!r}")
+        if isinstance(batch_padding, bool) or not isinstance(batch_padding, int | float) or not batch_padding >= 0:
+            raise ValueError(f"kvpass: EpisodicCache's batch_padding (the padding a batch of episodes may add, as a "
+                             f"fraction of its real token rows) must be a number >= 0; got {batch_padding!r}")
         self.forward, self.model, self.options, self.seed, self.routing = forward, model, options, seed, route
         self.embed = embed or self.embed_input_mean
         self.episodes, self.reserve, self.evict_answers = opts.episodes, opts.reserve, evict_answers
-        self.medoids, self.batched = medoids, batched
+        self.medoids, self.batched, self.batch_padding, self.block = medoids, batched, batch_padding, opts.prefill_block
         self.prefix_ids, self.separator_ids = list(prefix_ids), list(separator_ids)
         self.centroids: np.ndarray | None = None
         self.labels: np.ndarray | None = None
@@ -189,11 +195,15 @@ class EpisodicCache:
         self.centroids, self.labels, self.vectors = kmeans.cluster_centers_, kmeans.labels_, vectors
         self.patched_prompts = [self._patched_prompt(context_ids, segments, e) for e in range(self.episodes)]
         prompts = [torch.tensor(p) for p in self.patched_prompts]
-        if self.batched:
-            self.contexts = compress_episodes(self.forward, self.model, self.options, context_ids, prompts)
-        else:
-            self.contexts = [compress_context(self.forward, self.model, self.options, context_ids, observe=p)
-                             for p in prompts]
+        rows = [len(p) + (self.block or 0) for p in prompts]  # token rows per block: the block and the prompt
+        groups = episode_batches(rows, self.batch_padding) if self.batched else [[e] for e in range(len(prompts))]
+        self.contexts = [None] * len(prompts)
+        for group in groups:
+            args = self.forward, self.model, self.options, context_ids
+            built = ([compress_context(*args, observe=prompts[group[0]])] if len(group) == 1 else
+                     compress_episodes(*args, [prompts[e] for e in group]))
+            for e, context in zip(group, built, strict=True):
+                self.contexts[e] = context
 
     def _patched_prompt(self, context_ids: Sequence[int], segments: Sequence[tuple[int, int]], e: int) -> list[int]:
         """The prefix, then episode ``e``'s ``medoids`` windows most similar to its centroid, in conversation order."""
@@ -207,13 +217,17 @@ class EpisodicCache:
             prompt += [*context_ids[s:t], *self.separator_ids]
         return prompt
 
-    def route(self, question_ids: Sequence[int]) -> int:
+    def route(self, question_ids: Sequence[int], rule: str | None = None) -> int:
         """Index of the episode whose centroid (``route="segment"``: one of whose segments) has the largest dot
-        product with the question's normalized embedding."""
+        product with the question's normalized embedding. ``rule``: one of :attr:`ROUTES`, in place of this cache's
+        ``route`` (to compare the rules on the same caches)."""
         if self.centroids is None:
             raise RuntimeError("kvpass: EpisodicCache.build() must run before questions are routed")
+        rule = self.routing if rule is None else rule
+        if rule not in self.ROUTES:
+            raise ValueError(f"kvpass: EpisodicCache's route must be one of {self.ROUTES}; got {rule!r}")
         question = self._unit_embeddings([question_ids])[0]
-        if self.routing == "segment":
+        if rule == "segment":
             return int(self.labels[int(np.argmax(self.vectors @ question))])
         return int(np.argmax(self.centroids @ question))
 
@@ -233,6 +247,20 @@ class EpisodicCache:
         tokens = answer(self.forward, self.model, self.contexts[episode], question_ids,
                         max_new_tokens, stop_ids)
         return tokens, episode
+
+
+def episode_batches(rows: Sequence[int], max_padding: float) -> list[list[int]]:
+    """Indices of ``rows`` (token rows each item adds to a batch) grouped into batches, shortest first, a batch growing
+    while its padded rows (its size × its longest) exceed its real rows by at most ``max_padding`` of them."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(rows)), key=lambda i: rows[i]):
+        group = batches[-1] if batches else []
+        real = sum(rows[j] for j in group) + rows[i]
+        if group and (len(group) + 1) * rows[i] <= (1 + max_padding) * real:
+            group.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.inference_mode()
