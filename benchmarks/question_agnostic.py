@@ -194,20 +194,26 @@ def _options(method: str, budget: int, args, model=None, tokenizer=None) -> dict
 
 
 def _plot(summary: list[dict], title: str, path: Path) -> None:
+    """Accuracy against compression; when every row is at about one compression (NIAH lengths each at their own
+    budget), against the context's length instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    full = [r for r in summary if r["method"] == "full"]
+    compressed = [r["compression"] for r in summary if r["method"] != "full"]
+    by_length = bool(compressed) and max(compressed) < 1.25 * min(compressed)
+    x = "context_tokens" if by_length else "compression"
+    full = [r for r in summary if r["method"] == "full"]  # (one row over every context: budget None)
     if full:
         ax.axhline(full[0]["accuracy"], color="black", linestyle="--", label="full KV")
     for method in dict.fromkeys(r["method"] for r in summary if r["method"] != "full"):
-        rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["compression"])
-        ax.plot([r["compression"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=method)
+        rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r[x])
+        ax.plot([r[x] for r in rows], [r["accuracy"] for r in rows], marker="o", label=method)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("compression (context tokens / KV budget per layer)")
+    ax.set_xlabel(f"context tokens (each at {statistics.fmean(compressed):.1f}x compression)" if by_length
+                  else "compression (context tokens / KV budget per layer)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(title, fontsize=9)
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         routed = "-" if s["routed_to_fact"] is None else f"{s['routed_to_fact']:.2f}"
         print(f"{s['method']:>13} {s['budget'] or 'all':>6} {s['compression']:>6.2f} {s['accuracy']:>5.2f} "
               f"{s['span_kept']:>9.2f} {routed:>6} {s['compress_s'] or float('nan'):>18.1f}")
-    _plot(summary, _title(args.model, args.benchmark, len(contexts), summary[0]["n"]),
+    _plot(summary, _title(args.model, args.benchmark, records),
           out / "accuracy_vs_compression.png")
     print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_compression.png'}")
 
@@ -400,7 +406,7 @@ def _summarize(records: list[dict]) -> list[dict]:
         routed = [r["routed_to_fact"] for r in rs if r["routed_to_fact"] is not None]
         summary.append({
             "method": method, "budget": budget, "n": len(rs), "accuracy": statistics.fmean(r["correct"] for r in rs),
-            "compression": 1.0 if budget is None else mean_ctx / budget,
+            "compression": 1.0 if budget is None else mean_ctx / budget, "context_tokens": round(mean_ctx),
             "span_kept": statistics.fmean(r["span_kept"] for r in rs),
             "routed_to_fact": statistics.fmean(routed) if routed else None,
             # the first context pays the compiles; a second routing rule's rows share their method's builds
@@ -425,12 +431,12 @@ def _rescore(path: Path) -> None:
     result["summary"] = summary = _summarize(result["records"])
     path.write_text(json.dumps(result, indent=1))
     args = result["meta"]["args"]
-    contexts = len({r["context"] for r in result["records"]})
-    _plot(summary, _title(args["model"], args["benchmark"], contexts, summary[0]["n"]),
+    _plot(summary, _title(args["model"], args["benchmark"], result["records"]),
           path.parent / "accuracy_vs_compression.png")
 
 
-def _title(model: str, benchmark: str, contexts: int, questions: int) -> str:
+def _title(model: str, benchmark: str, records: list[dict]) -> str:
+    contexts, questions = len({r["context"] for r in records}), len({r["uid"] for r in records})
     return f"{model}, question-agnostic {benchmark}-style QA ({contexts} contexts, {questions} questions)"
 
 
