@@ -160,7 +160,9 @@ def measure_prefill(model: torch.nn.Module, mode: str, length: int, budget: int,
     bound = layer_slot * sum((w - 1 if w else budget) + block for w in windows)
     full = layer_slot * sum(min(w - 1, length) if w else length for w in windows)
     heads = [s.head_tokens for s in kv_stats(out.cache)] if mode == "blockwise" else None
-    masked = None if heads is None else sum(cfg.num_key_value_heads * max(h) for h in heads) * 2 * head_dim * 4
+    # one row per kv head as long as its longest head; a layer left to HF (sliding) holds its window's tokens
+    masked = None if heads is None else sum(cfg.num_key_value_heads * (max(h) if h else min(w - 1, length))
+                                            for h, w in zip(heads, windows, strict=True)) * 2 * head_dim * 4
     return {
         "mode": mode, "length": length, "budget": budget, "block": block, "policy": policy, "compiler": compiler,
         "measure": measure, "head_budgets": head_budgets, "head_tokens": heads,
