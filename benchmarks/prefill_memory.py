@@ -217,10 +217,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['kv_masked_mib']})  {row['prefill_s']} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    _plot(rows, args.plot, args.measure)
+    _plot(rows, args.plot, args.measure, args.model)
 
 
-def _plot(rows: list[dict], path: str, measure: str) -> None:
+def _plot(rows: list[dict], path: str, measure: str, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,7 +242,7 @@ def _plot(rows: list[dict], path: str, measure: str) -> None:
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("MiB")
     what = "peak KV (K/V-shaped tensors)" if measure == "kv" else "peak memory increase (every tensor)"
-    ax.set_title(f"Prefill {what}, SmolLM2-135M, fp32, CPU", fontsize=9)
+    ax.set_title(f"Prefill {what}, {model}, fp32, CPU", fontsize=9)
     ax.legend(fontsize=7)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
