@@ -198,8 +198,8 @@ class EpisodicCache:
         rows = [len(p) + (self.block or 0) for p in prompts]  # token rows per block: the block and the prompt
         groups = episode_batches(rows, self.batch_padding) if self.batched else [[e] for e in range(len(prompts))]
         self.contexts = [None] * len(prompts)
+        args = self.forward, self.model, self.options, context_ids
         for group in groups:
-            args = self.forward, self.model, self.options, context_ids
             built = ([compress_context(*args, observe=prompts[group[0]])] if len(group) == 1 else
                      compress_episodes(*args, [prompts[e] for e in group]))
             for e, context in zip(group, built, strict=True):
