@@ -345,14 +345,15 @@ def main(argv: list[str] | None = None) -> None:
                     routed_ok = None
                     if method.startswith("epicache"):
                         # routed by the question alone (the reference embeds the question, not the answer prefix)
-                        tokens, episode = epi.answer(q_ids, sample.max_new_tokens, stop,
-                                                     query_ids=encode(tok, sample.meta["question"]))
+                        query = encode(tok, sample.meta["question"])
+                        tokens, episode = epi.answer(q_ids, sample.max_new_tokens, stop, query_ids=query)
                         used = epi.contexts[episode]
-                        held = [i for i, (s, e) in enumerate(segments) if s < span[1] and span[0] < e]
-                        routed_ok = bool(episode in {int(epi.labels[i]) for i in held})
+                        fact_episodes = {int(epi.labels[i]) for i, (s, e) in enumerate(segments)
+                                         if s < span[1] and span[0] < e}
+                        routed_ok = episode in fact_episodes
                         # the other routing rule on the same episode caches: the departure measured beside the rule
                         alt = "segment" if args.route == "centroid" else "centroid"
-                        alt_episode = epi.route(encode(tok, sample.meta["question"]), rule=alt)
+                        alt_episode = epi.route(query, rule=alt)
                         alt_tokens = tokens if alt_episode == episode else answer(
                             forward, model, epi.contexts[alt_episode], q_ids, sample.max_new_tokens, stop)
                         alt_text = tok.decode(alt_tokens, skip_special_tokens=True)
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                             "context_tokens": n, "uid": sample.uid, "answer": sample.answers[0], "output": alt_text,
                             "correct": sample.is_correct(alt_text),
                             "span_kept": _span_kept(epi.contexts[alt_episode], span),
-                            "routed_to_fact": bool(alt_episode in {int(epi.labels[i]) for i in held}),
+                            "routed_to_fact": alt_episode in fact_episodes,
                             "compress_s": None, "row_per_head_ratio": None,
                         })  # fmt: skip
                     else:
