@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from kvpass.apps.eval.runner import peak_rss, reset_peak_rss, warm_up
+from kvpass.apps.eval.runner import new_cache, peak_rss, reset_peak_rss, warm_up
 from kvpass.validate import choice, csv, non_negative_int, positive_int
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -75,8 +75,8 @@ def run_rank(row: dict) -> dict:
     forward = torch.compile(model.forward, backend="kvpass", options=options, dynamic=True)
     n = row["context"]
     warm_up(forward, model, ids, -(-row["budget"] // row["ranks"]), row["prefill_block"] or 512)  # (not measured)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     baseline = reset_peak_rss()
-    cache = kvpass.CompressedCache(config=model.config)
     tokens: list[int] = []
 
     def step(token: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,7 @@ def run_rank(row: dict) -> dict:
         return logits[:, -1:].argmax(-1)
 
     with torch.inference_mode():
+        cache = new_cache(model)  # (as warm_up makes its own: a cache made outside inference mode recompiles)
         start = time.perf_counter()
         logits = forward(input_ids=ids, cache=cache, position_ids=torch.arange(n)[None], use_cache=True,
                          logits_to_keep=1).logits
@@ -113,6 +114,7 @@ def run_rank(row: dict) -> dict:
             collective_s = sum(e.self_cpu_time_total for e in prof.key_averages()
                                if "all_gather" in e.key or "wait_tensor" in e.key) / 1e6
     stats, peak = kvpass.kv_stats(cache), peak_rss()
+    compiled_in_run = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     return {
         **row,
         "rank": dist.get_rank() if split else 0,
@@ -125,6 +127,7 @@ def run_rank(row: dict) -> dict:
         "tokens": tokens,
         "peak_rss_bytes": peak,
         "rss_growth_bytes": None if baseline is None else peak - baseline,
+        "compiled_in_run": compiled_in_run,  # graphs compiled after the warm-up: 0, or time and RSS include compiling
     }
 
 
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             "same_tokens_as_one_process": None if alone is None else per_rank[0]["tokens"] == alone["tokens"],
             "context_held": sum(r["tokens_held"] for r in per_rank),
             "tokens": per_rank[0]["tokens"],
+            "compiled_in_run": max(r["compiled_in_run"] for r in per_rank),
         }
         if alone is not None:
             summary["kv_bytes_vs_one_process"] = max(summary["kv_bytes_per_rank"]) / alone["kv_bytes_per_rank"][0]
@@ -262,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
               f"= 1 process {summary['same_tokens_as_one_process']}  "
               f"prefill {summary['prefill_s']:.0f} s  peak RSS/rank "
               f"{max(summary['peak_rss_bytes_per_rank']) / 2**20:.0f} MiB{growth}", flush=True)
+        if summary["compiled_in_run"]:
+            print(f"  warning: {summary['compiled_in_run']} graph(s) compiled after the warm-up: this row's times and "
+                  "RSS include compiling", flush=True)
     _write(args, rows)
     return 0
 

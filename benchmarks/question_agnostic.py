@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/question_agnostic")
     p.add_argument("--resume", action="store_true",
-                   help="keep --out's finished (method, budget, context) answers, run the rest")
+                   help="keep --out's finished (method, budget, context) answers, run the rest "
+                        "(a first run: --out has no results yet, run everything)")
     p.add_argument("--rescore", action="store_true",
                    help="re-check --out's recorded outputs with the current answer matching (runs no model)")
     args = p.parse_args(argv)
@@ -310,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     meta = {"args": vars(args), "date": dt.date.today().isoformat(), "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
-    records = json.loads((out / "results.json").read_text())["records"] if args.resume else []
+    resumed = out / "results.json"
+    records = json.loads(resumed.read_text())["records"] if args.resume and resumed.exists() else []
     asked = {c["uid"]: len(c["questions"]) for c in contexts}
     answered = Counter((r["method"], r["budget"], r["context"]) for r in records)
     # a context is done once all its questions are recorded: a cell interrupted mid-context redoes that context

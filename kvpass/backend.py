@@ -86,7 +86,7 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
     sentences = opts.policy if opts.policy.name == "sentencekv" else None
     ids_index = next((i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if "input_ids" in n.name), None)
     return StoreGraph(compiled, plans, n_outputs, store_outputs, record, opts.head_budgets == "adaptive", continues,
-                      opts.offload, opts.offload_dir, sentences, ids_index)
+                      opts.offload, opts.offload_dir, sentences, ids_index, opts.offload_attention)
 
 
 class StoreGraph:
@@ -96,10 +96,12 @@ class StoreGraph:
     def __init__(self, compiled: Callable, plans: list[LayerPlan], n_outputs: int,
                  store_outputs: dict[int, tuple[int, int]], record: GraphRecord, packed: bool,
                  continues: int | None, offload: str | None = None, offload_dir: str | None = None,
-                 sentences: SentenceKV | None = None, ids_index: int | None = None) -> None:
+                 sentences: SentenceKV | None = None, ids_index: int | None = None,
+                 offload_attention: bool = False) -> None:
         self.compiled, self.plans, self.n_outputs, self.record, self.packed = compiled, plans, n_outputs, record, packed
         self.offload, self.offload_dir = offload, offload_dir
         self.sentences, self.ids_index = sentences, ids_index  # policy "sentencekv": its rules, where the token ids are
+        self.offload_attention = offload_attention  # SentenceKV: its abstracts kept beside the tier, which ranks them
         self.key_outputs = {layer: k for layer, (k, _) in store_outputs.items()}
         self.continues = continues  # index of position_ids, checked against the stores' counts (None: not checked)
         self.first_store = next((p for p in plans if p.past_index is not None), None)
@@ -125,7 +127,7 @@ class StoreGraph:
                       self.offload, self.offload_dir)
         if self.sentences is not None:
             advance_sentences(self.sentences, self.plans, outs, self.n_outputs, stores, previous, used, ids,
-                              retrieved=bool(retrieval) and not attends_all)
+                              retrieved=bool(retrieval) and not attends_all, with_tier=self.offload_attention)
         return outs[: self.n_outputs]
 
 
@@ -151,9 +153,11 @@ def _retrieval_examples(gm: fx.GraphModule, plans: list[LayerPlan]) -> list:
         k = node_value(placeholders[plan.past_index])
         n = _fresh_size(k, f"kvpass_sentences_{plan.layer}", 64)
         b, h, _, d = k.shape
+        where = "cpu" if plan.retrieve_in_place else k.device  # (offload_attention: abstracts and runs beside the tier)
         with k.fake_mode:
-            examples += [k.new_empty(b, h, n, d, dtype=torch.float32), k.new_empty(b, h, n, dtype=torch.int64),
-                         k.new_empty(b, h, n, dtype=torch.int64), k.new_empty(b, plan.query_heads, d,
+            examples += [k.new_empty(b, h, n, d, dtype=torch.float32, device=where),
+                         k.new_empty(b, h, n, dtype=torch.int64, device=where),
+                         k.new_empty(b, h, n, dtype=torch.int64, device=where), k.new_empty(b, plan.query_heads, d,
                                                                               dtype=torch.float32),
                          k.new_empty(b, dtype=torch.float32), k.new_empty(b, dtype=torch.bool)]
     return examples

@@ -82,8 +82,9 @@ def test_warm_up_on_a_slice_compiles_what_a_longer_prompt_and_its_steps_use() ->
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.inference_mode():
         cache = new_cache(model)
-        forward(input_ids=ids, cache=cache, position_ids=torch.arange(90)[None], use_cache=True, logits_to_keep=1)
-        forward(input_ids=ids[:, -1:].clone(), cache=cache, position_ids=torch.tensor([[90]]), use_cache=True)
+        logits = forward(input_ids=ids, cache=cache, position_ids=torch.arange(90)[None], use_cache=True,
+                         logits_to_keep=1).logits
+        forward(input_ids=logits[:, -1:].argmax(-1), cache=cache, position_ids=torch.tensor([[90]]), use_cache=True)
     assert compiled == 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 

@@ -15,6 +15,7 @@ from kvpass.ops.tier import (
     evicted_reference,
     retrieval_index,
     tier_attend_reference,
+    tier_attend_retrieved_reference,
     tier_gather_reference,
 )
 
@@ -78,6 +79,17 @@ def test_device_part_merged_with_the_tier_part_is_full_attention():
     assert torch.isfinite(out).all()
 
 
+def test_a_tier_with_nothing_to_attend_is_an_empty_part():
+    """``used = 0`` (nothing written, or a SentenceKV step that only retrieves) returns what attention over no slot
+    returns: zero outputs, ``lse = -inf``, so the merge weighs the part zero."""
+    case = make_case(4, c=6, t=3)
+    empty = (case["k"][:, :, :0], case["v"][:, :, :0], case["k_pos"][:, :, :0])
+    out, lse = tier_attend_reference(case["q"], case["k"], case["v"], case["k_pos"], torch.tensor(0), case["q_pos"],
+                                     case["scale"])
+    want_out, want_lse = attend_part_reference(case["q"], *empty, case["q_pos"], case["scale"])
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse) and lse.dtype == torch.float32
+
+
 def test_tier_ops_pass_opcheck_and_only_evicted_is_inlined():
     case = candidates(1, 10)
     torch.library.opcheck(torch.ops.kvpass.evicted.default, (case["k"], case["v"], case["pos"], case["keep"], 6, 0))
@@ -132,3 +144,27 @@ def test_retrieval_index_concatenates_the_best_sentences_tokens_and_cuts(slots):
     index = retrieval_index(q_mean, means, starts, lens, skip, slots)
     assert torch.equal(index[0], _literal_retrieval(q_mean[0], means[0], starts[0], lens[0], slots))
     assert (index[1] == -1).all()
+
+
+def test_retrieval_ranked_and_attended_where_the_tier_lives_is_the_gathered_retrieval_attended():
+    """``tier_attend_retrieved`` (offload_attention) == ``retrieval_index`` + ``tier_gather`` + ``attend_part`` on
+    the device: the same tokens per query head, the same partial output and log-sum-exp."""
+    gen = torch.Generator().manual_seed(9)
+    b, hkv, group, s, d, slots = 1, 2, 3, 5, 8, 9
+    lens = torch.randint(0, 4, (b, hkv, s), generator=gen)
+    starts = torch.cat([torch.zeros(b, hkv, 1, dtype=torch.int64), lens.cumsum(-1)[..., :-1]], dim=-1)
+    n = int(lens.sum(-1).max()) + 2
+    tier_k, tier_v = torch.randn(b, hkv, n, d, generator=gen), torch.randn(b, hkv, n, d, generator=gen)
+    tier_pos = torch.arange(n).expand(b, hkv, n).clone()
+    q = torch.randn(b, hkv * group, 1, d, generator=gen)
+    q_mean, means = torch.randn(b, hkv * group, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    q_pos, skip = torch.tensor([[n + 5]]), torch.tensor([False])
+    args = (q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, 0.3, slots)
+    out, lse = tier_attend_retrieved_reference(*args)
+    k, v, pos = tier_gather_reference(tier_k, tier_v, tier_pos, retrieval_index(q_mean, means, starts, lens, skip,
+                                                                                slots))
+    want_out, want_lse = attend_part_reference(q, k, v, pos, q_pos, 0.3)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.kvpass.tier_attend_retrieved.default, args)
+    assert torch.ops.kvpass.tier_attend_retrieved.default not in REFERENCES  # runs where the tier lives

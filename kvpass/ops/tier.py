@@ -97,10 +97,14 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
     merged exactly, a disk tier's pages released after each run (its resident memory stays one run).
     """
     n = int(used)
+    if n == 0:  # nothing written, or a SentenceKV step that only retrieves: an empty part, weighed zero by the merge
+        b, hq, t = q.shape[:3]
+        return (q.new_zeros(b, hq, t, tier_v.shape[-1]),
+                torch.full((b, hq, t), float("-inf"), dtype=torch.float32, device=q.device))
     where = tier_k.device
     q_there, q_pos_there = q.to(where), q_pos.to(where)
     outs, lses = [], []
-    for start in range(0, max(n, 1), TIER_CHUNK):  # (runs of slots: a disk tier's pages released after each)
+    for start in range(0, n, TIER_CHUNK):  # (runs of slots: a disk tier's pages released after each)
         end = min(n, start + TIER_CHUNK)
         out, lse = attend_part_reference(q_there, tier_k[:, :, start:end], tier_v[:, :, start:end],
                                          tier_pos[:, :, start:end], q_pos_there, scale, window, softcap)
@@ -187,25 +191,31 @@ def _(tier_k, tier_v, tier_pos, index):
             index.new_empty(b, hq, r, tier_v.shape[-1], dtype=tier_v.dtype), index.new_empty(b, hq, r))
 
 
-def tier_attend_indexed_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, index: Tensor,
-                                  q_pos: Tensor, scale: float, window: int = 0,
-                                  softcap: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Retrieval attended where the lower tier lives (SentenceKV's retrieval with ``offload_attention``): each query
-    head attends to the tier slots ``index`` names for it (``[B, H_q, R]``, -1: none), on the tier's device; only the
-    partial output and its log-sum-exp come back (``[B, H_q, T, D_v]`` in q's dtype, ``[B, H_q, T]`` float32 on q's
-    device), as :func:`kvpass.ops.partial.attend_part_reference` over the gathered slots."""
+def tier_attend_retrieved_reference(q: Tensor, q_mean: Tensor, means: Tensor, starts: Tensor, lens: Tensor,
+                                    skip: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, q_pos: Tensor,
+                                    scale: float, slots: int, window: int = 0,
+                                    softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """SentenceKV's retrieval, selected and attended where the lower tier lives (``offload_attention``; InstInfer
+    runs its sparse selection inside the storage too): the tier's side ranks its sentences by their abstracts
+    (``means``, ``starts``, ``lens``, kept beside the tier) against the step's mean query ``q_mean`` as
+    :func:`retrieval_index` does, attends ``q`` to the ``slots`` tokens per query head that ranking names, and
+    returns only the partial output and its log-sum-exp (``[B, H_q, T, D_v]`` in q's dtype, ``[B, H_q, T]``
+    float32, on q's device), as :func:`kvpass.ops.partial.attend_part_reference` over those tokens. A step moves
+    the queries (``q``, ``q_mean``) there and ``O(heads x head_dim)`` back: neither the KV nor a slot index."""
     where = tier_k.device
-    k, v, pos = _gathered(tier_k, tier_v, tier_pos, index.to(where))
+    index = retrieval_index(q_mean.to(where), means.to(where), starts.to(where), lens.to(where), skip.to(where),
+                            slots)
+    k, v, pos = _gathered(tier_k, tier_v, tier_pos, index)
     out, lse = attend_part_reference(q.to(where), k, v, pos, q_pos.to(where), scale, window, softcap)
     return out.to(q.device), lse.to(q.device)
 
 
-tier_attend_indexed = torch.library.custom_op("kvpass::tier_attend_indexed", mutates_args=())(
-    tier_attend_indexed_reference)
+tier_attend_retrieved = torch.library.custom_op("kvpass::tier_attend_retrieved", mutates_args=())(
+    tier_attend_retrieved_reference)
 
 
-@tier_attend_indexed.register_fake
-def _(q, tier_k, tier_v, tier_pos, index, q_pos, scale, window=0, softcap=0.0):
+@tier_attend_retrieved.register_fake
+def _(q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, scale, slots, window=0, softcap=0.0):
     b, hq, t = q.shape[:3]
     return q.new_empty(b, hq, t, tier_v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32)
 
@@ -215,5 +225,5 @@ def _(q, tier_k, tier_v, tier_pos, index, q_pos, scale, window=0, softcap=0.0):
 TIER_REFERENCES = {torch.ops.kvpass.evicted.default: evicted_reference}
 
 __all__ = ["TIER_REFERENCES", "evicted", "evicted_reference", "retrieval_index", "tier_attend",
-           "tier_attend_indexed", "tier_attend_indexed_reference", "tier_attend_reference", "tier_gather",
+           "tier_attend_reference", "tier_attend_retrieved", "tier_attend_retrieved_reference", "tier_gather",
            "tier_gather_reference"]

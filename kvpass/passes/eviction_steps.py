@@ -524,9 +524,9 @@ class _Steps:
                         softcap) -> tuple[fx.Node, fx.Node]:
         """SentenceKV's step: this part, the lower-tier tokens of the best-scoring sentences (``retrieval`` slots per
         query head: gathered to the device by ``kvpass::tier_gather`` and attended there, or with ``offload_attention``
-        attended where the tier lives, ``kvpass::tier_attend_indexed``) and, on the steps that attend to every kept
-        token (the runner passes the tier's written slot count then, 0 otherwise, and skips retrieval), the whole lower
-        tier attended where it lives."""
+        ranked and attended where the tier lives, ``kvpass::tier_attend_retrieved``) and, on the steps that attend to
+        every kept token (the runner passes the tier's written slot count then, 0 otherwise, and skips retrieval), the
+        whole lower tier attended where it lives."""
         g, site, plan = self.g, self.site, self.plan
         tier_out, tier_lse = self._with_tier(out_part, lse_part, q_pos, softcap)
         tier_k, tier_v, tier_pos, _ = self.tier_inputs
@@ -536,11 +536,12 @@ class _Steps:
         q_all = g(torch.add, (q_sum, g(torch.sum, (g(torch.Tensor.float, (site.q,)), 2))))
         count = g(operator.getitem, (g(operator.add, (q_count, n_new)), (ALL, None, None)))
         q_mean = g(operator.truediv, (q_all, count))
-        index = g(retrieval_index, (q_mean, means, starts, lens, skip, plan.retrieval))
-        if plan.retrieve_in_place:  # attended where the tier lives: the index goes there, (output, lse) come back
-            part = g(torch.ops.kvpass.tier_attend_indexed.default,
-                     (site.q, tier_k, tier_v, tier_pos, index, q_pos, site.scale, site.window, softcap))
+        if plan.retrieve_in_place:  # ranked and attended where the tier lives: the queries go, (output, lse) return
+            part = g(torch.ops.kvpass.tier_attend_retrieved.default,
+                     (site.q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, site.scale,
+                      plan.retrieval, site.window, softcap))
         else:  # the tier I/O: the retrieved tokens copied into the device's retrieval slots, attended there
+            index = g(retrieval_index, (q_mean, means, starts, lens, skip, plan.retrieval))
             gathered = g(torch.ops.kvpass.tier_gather.default, (tier_k, tier_v, tier_pos, index))
             k_r, v_r, pos_r = (g(operator.getitem, (gathered, i)) for i in range(3))
             part = g(torch.ops.kvpass.attend_part.default, (site.q, k_r, v_r, pos_r, q_pos, site.scale, site.window,

@@ -35,6 +35,7 @@ class LayerPlan:
     retrieval_inputs: tuple[fx.Node, ...] = ()  # SentenceKV continued: abstracts, runs, query sum, count, skip
     sentence_outputs: tuple[fx.Node, ...] = ()  # SentenceKV continued: the new queries and keys
     retrieval_bytes: int = 0        # SentenceKV continued: bytes per batch row a step gathers from the lower tier
+    retrieve_in_place: bool = False  # SentenceKV continued, offload_attention: ranked and attended beside the tier
     query_heads: int = 0            # the site's query heads
 
 
@@ -204,15 +205,16 @@ class InsertKVEviction:
         retrieval_bytes = 0
         if plan.retrieves:
             q = node_value(site.q)
-            if plan.retrieve_in_place:  # the slot index there; a query, a partial output and its lse each way
-                retrieval_bytes = plan.retrieval * q.shape[1] * 8 + tier_query_bytes
+            if plan.retrieve_in_place:  # the mean query and the skip flag there; a query, a partial output, an lse
+                retrieval_bytes = q.shape[1] * q.shape[-1] * 4 + 1 + tier_query_bytes
             else:  # k, v and positions of each query head's retrieval slots
                 retrieval_bytes = plan.retrieval * q.shape[1] * ((q.shape[-1] + value_dim) * q.element_size() + 8)
         return LayerPlan(site.layer, budget, capacity, past_index, done.state_inputs, (store.pos, store.acc, done.seen),
                          static=bool(site.static_writes), tier_inputs=done.tier_inputs, evicted_outputs=done.evicted,
                          value_dim=value_dim, tier_query_bytes=tier_query_bytes,
                          retrieval_inputs=done.retrieval_inputs, sentence_outputs=done.sentence_outputs,
-                         retrieval_bytes=retrieval_bytes, query_heads=node_value(site.q).shape[1])
+                         retrieval_bytes=retrieval_bytes, retrieve_in_place=plan.retrieve_in_place,
+                         query_heads=node_value(site.q).shape[1])
 
     @staticmethod
     def _tier_query_bytes(plan: SitePlan, value_dim: int) -> int:

@@ -98,9 +98,10 @@ class SentenceLayer:
 
     @classmethod
     def of_prefill(cls, sentences: Sentences, store_k: Tensor, store_pos: Tensor, tier: LowerTier,
-                   n_query_heads: int) -> SentenceLayer:
+                   n_query_heads: int, with_tier: bool = False) -> SentenceLayer:
         """After the prefill: the abstracts of the prompt's sentences over the kept tokens (device store and lower
-        tier), the runs of each in the tier, the reference's per-sentence width and sink counts."""
+        tier), the runs of each in the tier, the reference's per-sentence width and sink counts. The abstracts and
+        runs live on the device, or (``with_tier``) beside the lower tier, whose side then ranks them."""
         policy = sentences.policy
         _, h, _, d = store_k.shape
         n = max(_FIRST_SENTENCES, sentences.count)
@@ -123,9 +124,9 @@ class SentenceLayer:
         sentences.cap = max(100, (kept // max(sentences.open_id, 1)) * 2 + 50)
         allowed = (sentences.cap - sink_counts[:, :n]).clamp(min=0)
         allowed[:, sentences.open_id:] = 0
-        layer = cls(sentences, means[None].to(store_k.device),
-                    torch.zeros(1, h, n, dtype=torch.int64, device=store_k.device),
-                    torch.zeros(1, h, n, dtype=torch.int64, device=store_k.device),
+        where = tier.k.device if with_tier else store_k.device
+        layer = cls(sentences, means[None].to(where), torch.zeros(1, h, n, dtype=torch.int64, device=where),
+                    torch.zeros(1, h, n, dtype=torch.int64, device=where),
                     torch.full((h, n), -1, dtype=torch.int64), torch.zeros(h, n, dtype=torch.int64), allowed,
                     torch.zeros(1, n_query_heads, d, device=store_k.device), torch.zeros(1, h, d,
                                                                                          device=store_k.device))
@@ -139,12 +140,13 @@ class SentenceLayer:
 
     @property
     def nbytes(self) -> int:
-        """Bytes kept on the device for retrieval: abstracts and runs (the sentences' allocated room included)."""
+        """Bytes kept for retrieval: abstracts and runs (the sentences' allocated room included), on the device or
+        (``offload_attention``) beside the lower tier."""
         return sum(x.numel() * x.element_size() for x in (self.means, self.starts, self.lens))
 
     def inputs(self, attends_all: bool) -> list[Tensor]:
         """The graph's inputs: abstracts, runs, the open sentence's query sum and length, whether to skip retrieval."""
-        device = self.means.device
+        device = self.q_sum.device  # (the count and the skip flag are read on the device)
         return [self.means, self.starts, self.lens, self.q_sum,
                 torch.tensor([float(self.sentences.open_len)], device=device),
                 torch.tensor([attends_all], device=device)]
@@ -242,10 +244,11 @@ def sentence_inputs(plans, previous: dict, attends_all: bool) -> list[Tensor]:
 
 
 def advance_sentences(policy: SentenceKV, plans, outs, n_outputs: int, stores: dict, previous: dict,
-                      used_before: dict[int, int], ids: Tensor, retrieved: bool) -> None:
-    """After a forward: a first one finds the prompt's sentences and each layer's abstracts; one continuing the stores
-    takes its tokens, queries and keys (the graph's outputs after the evicted slots) into them. Each layer's
-    :class:`SentenceLayer` goes to its new store's state; bytes a retrieval gathered count as moved."""
+                      used_before: dict[int, int], ids: Tensor, retrieved: bool, with_tier: bool = False) -> None:
+    """After a forward: a first one finds the prompt's sentences and each layer's abstracts (``with_tier``, option
+    ``offload_attention``: kept beside the lower tier, whose side ranks them); one continuing the stores takes its
+    tokens, queries and keys (the graph's outputs after the evicted slots) into them. Each layer's
+    :class:`SentenceLayer` goes to its new store's state; bytes a retrieval moved count as moved."""
     from kvpass.runtime.state import store_state
 
     continued = _layers(plans, previous)
@@ -255,7 +258,7 @@ def advance_sentences(policy: SentenceKV, plans, outs, n_outputs: int, stores: d
             state = store_state(stores[plan.layer])
             if state is not None and state.tier is not None:
                 state.sentences = SentenceLayer.of_prefill(sentences, stores[plan.layer], state.pos, state.tier,
-                                                           plan.query_heads)
+                                                           plan.query_heads, with_tier)
         return
     _, ended = continued[0].sentences.advance(ids)
     extra = outs[n_outputs + 3 * len(plans) + 3 * sum(1 for p in plans if p.evicted_outputs):]

@@ -125,8 +125,10 @@ def warm_up(forward: Forward, model: torch.nn.Module, ids: torch.Tensor, store: 
         forward(input_ids=ids, cache=cache, position_ids=_positions(0, n, ids.device), use_cache=True,
                 logits_to_keep=1)
         for i in range(steps):
-            forward(input_ids=ids[:, -1:].clone(), cache=cache, position_ids=_positions(n + i, 1, ids.device),
-                    use_cache=True)
+            # a step's token is a fresh [1, 1] tensor (an argmax), strides (1, 1): a clone of the slice would keep
+            # the prompt's row stride, which Dynamo specializes on, and the run's first step would recompile
+            token = ids[:, -1:].clone(memory_format=torch.contiguous_format)
+            forward(input_ids=token, cache=cache, position_ids=_positions(n + i, 1, ids.device), use_cache=True)
 
 
 def reset_peak_rss() -> int | None:
