@@ -268,5 +268,5 @@ def advance_sentences(policy: SentenceKV, plans, outs, n_outputs: int, stores: d
         state = store_state(stores[plan.layer])
         layer.advance(ended, extra[2 * i], extra[2 * i + 1], state.tier, used_before[plan.layer])
         state.sentences = layer
-        if retrieved:
-            state.tier.moved_bytes += plan.retrieval_bytes
+        if retrieved:  # the whole-tier part was empty (used 0: nothing sent), the step's traffic is the retrieval's
+            state.tier.moved_bytes += plan.retrieval_bytes - plan.tier_query_bytes
