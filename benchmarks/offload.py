@@ -22,7 +22,10 @@ prompt at once): each block's evictions stream into the lower tier, so the proce
 block and the lower tier's resident pages (a disk tier's: one run of attention) whatever the context. Each row first
 compiles on a short prompt through a throwaway cache; then the resident set's peak is reset (Linux) and the prefill
 and decode steps run: "RSS growth" is that peak less the resident set before the prefill, set beside the KV the row
-must hold (device stores, HF's local windows, one block's keys and values for every layer).
+must hold (device stores, HF's local windows, one block's keys and values for every layer). What a block costs
+besides its keys and values (activations, attention temporaries) is the growth of a one-block prompt's full row,
+``--contexts B --rows full --prefill-block B``. glibc's heap settings change the figures (``MALLOC_MMAP_THRESHOLD_``
+passes to the rows; the results record ``MALLOC_*`` variables).
 
 SentenceKV's steps differ: while a generated sentence is at most one token long a step attends to every kept token
 (the lower tier in place), otherwise it retrieves; the median step is a retrieving one, the mean counts both.
@@ -200,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                       "times and RSS include compiling", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores, torch {torch.__version__}", "load_avg_end": os.getloadavg()}
+            f"{os.cpu_count()} cores, torch {torch.__version__}", "load_avg_end": os.getloadavg(),
+            # glibc's heap settings change the RSS figures (BENCHMARKS.md, "What the RSS growth measured")
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -3,16 +3,21 @@ attention over the device part merged with the lower tier's (computed where it l
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_ops_partial import full_attention, make_case
 
+import kvpass.ops.tier as tier_ops
+from kvpass.apps.eval.runner import resident_bytes
 from kvpass.ops import REFERENCES
 from kvpass.ops.kv import compact_reference
 from kvpass.ops.partial import attend_part_reference, merge_parts_reference
 from kvpass.ops.tier import (
     TIER_REFERENCES,
     evicted_reference,
+    release_free_heap,
     retrieval_index,
     tier_attend_reference,
     tier_attend_retrieved_reference,
@@ -166,5 +171,24 @@ def test_retrieval_ranked_and_attended_where_the_tier_lives_is_the_gathered_retr
     want_out, want_lse = attend_part_reference(q, k, v, pos, q_pos, 0.3)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    # the tier's side compiled by Inductor (a model compiled with Inductor asks for it): the same result
+    for grown in (0, 7):  # (a longer tier: the compiled code takes it as a symbolic size)
+        tier = [torch.cat([x, x[:, :, :grown]], dim=2) for x in (tier_k, tier_v, tier_pos)]
+        compiled = tier_attend_retrieved_reference(*args[:6], *tier, *args[9:], compiled=True)
+        for got, want in zip(compiled, (out, lse), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.library.opcheck(torch.ops.kvpass.tier_attend_retrieved.default, args)
     assert torch.ops.kvpass.tier_attend_retrieved.default not in REFERENCES  # runs where the tier lives
+
+
+@pytest.mark.skipif(tier_ops._MALLOC_TRIM is None or not os.path.exists("/proc/self/status"),
+                    reason="glibc's malloc_trim, Linux's resident set size")
+def test_free_heap_pages_leave_the_resident_set():
+    """What a block-wise prefill calls between blocks: freed heap chunks between live ones (fragmentation glibc keeps
+    resident) go back to the OS."""
+    chunk = 96 * 1024  # below glibc's default mmap threshold: served from the heap
+    tensors = [torch.ones(chunk // 4) for _ in range(1024)]  # 96 MiB, written (resident)
+    del tensors[::2]  # every other one freed: holes between live chunks, never at the heap's top
+    before = resident_bytes()
+    release_free_heap()
+    assert before - resident_bytes() > 0.5 * 512 * chunk, (before, resident_bytes())

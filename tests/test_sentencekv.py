@@ -218,13 +218,21 @@ def test_two_caches_interleave_and_a_copy_branches():
         assert torch.allclose(last, alone[0][i], atol=1e-6)
 
 
-def test_inductor_compiles_the_step_once_while_sentences_and_tier_grow():
+@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in-place"])
+def test_inductor_compiles_the_step_once_while_sentences_and_tier_grow(in_place):
+    """With ``offload_attention`` the tier's side is compiled too (one graph, shapes symbolic), and decodes as the
+    eager tier side does."""
     model, ids = _model(), _prompt(400)
-    out = _kvpass_run(model, ids, 30, budget=100, compiler="inductor")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out = _kvpass_run(model, ids, 30, budget=100, compiler="inductor", offload_attention=in_place)
     explained = kvpass.explain(model.forward)
     assert [g["kind"] for g in explained.graphs] == ["prefill", "decode"] and explained.forwards == 30
     assert explained.graphs[1]["counters"]["retrieval_sites"] == 2
     assert out.sequences.shape[1] == 430
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2 + in_place
+    if in_place:
+        eager = _kvpass_run(_model(), ids, 30, budget=100, offload_attention=True)
+        assert torch.equal(out.sequences, eager.sequences)
 
 
 def test_refusals_quote_what_they_got():

@@ -20,9 +20,12 @@ threads over host memory or the mapped files), whatever device the model runs on
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,6 +39,7 @@ TIER_CHUNK = 4096
 _MADV_DONTNEED = 4  # Linux: drop a range's pages from this process; a shared file mapping keeps its data in the file
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only (musl has none)
 
 
 def release_mapped(x: Tensor, start: int, end: int) -> None:
@@ -59,6 +63,34 @@ def release_mapped(x: Tensor, start: int, end: int) -> None:
         if _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
             raise OSError(ctypes.get_errno(), f"kvpass: madvise on a disk tier's pages failed: "
                           f"{os.strerror(ctypes.get_errno())}")
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    """``fn`` (tier-side arithmetic) compiled by Inductor, once per process, its sizes symbolic; call it inside
+    :func:`_tier_side`."""
+    return torch.compile(fn, dynamic=True)
+
+
+def _tier_side() -> contextlib.ExitStack:
+    """The state compiled tier-side code runs in: the same dispatch state on every call, whichever path the op was
+    called by, and no size of a step's tensors taken for a size of the tier's (so its guards hold from step to step)."""
+    stack = contextlib.ExitStack()
+    for context in (torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView(),
+                    torch.fx.experimental._config.patch(use_duck_shape=False)):
+        stack.enter_context(context)
+    return stack
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    glibc serves an allocation below its mmap threshold from its heap, and that threshold rises to the largest block
+    freed so far (up to 32 MiB): after a prefill block's first large temporaries are freed, the next blocks' come from
+    the heap, whose freed pages stay resident and scattered, so the resident set creeps up block after block though
+    what is live does not. Called between prefill blocks, this keeps the process at what one block needs."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def evicted_reference(k: Tensor, v: Tensor, pos: Tensor, keep: Tensor, budget: int,
@@ -94,8 +126,9 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
     on the tier's device; used: 0-d int64, slots written; q_pos ``[B, T]`` the queries' positions. Returns
     ``(out [B, H_q, T, D_v] in q's dtype, lse [B, H_q, T] float32)`` on q's device, as
     :func:`kvpass.ops.partial.attend_part_reference` over those slots: attended in runs of ``TIER_CHUNK`` slots,
-    merged exactly, a disk tier's pages released after each run (its resident memory stays one run).
-    """
+    merged exactly, a disk tier's pages released after each run (its resident memory stays one run). Eager code even
+    where the model is compiled by Inductor: a decode step's runs are matrix products, which compiling did not make
+    faster here (unlike SentenceKV's ranking and gather, :func:`tier_attend_retrieved_reference`)."""
     n = int(used)
     if n == 0:  # nothing written, or a SentenceKV step that only retrieves: an empty part, weighed zero by the merge
         b, hq, t = q.shape[:3]
@@ -103,17 +136,18 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
                 torch.full((b, hq, t), float("-inf"), dtype=torch.float32, device=q.device))
     where = tier_k.device
     q_there, q_pos_there = q.to(where), q_pos.to(where)
-    outs, lses = [], []
+    merged = None
     for start in range(0, n, TIER_CHUNK):  # (runs of slots: a disk tier's pages released after each)
         end = min(n, start + TIER_CHUNK)
         out, lse = attend_part_reference(q_there, tier_k[:, :, start:end], tier_v[:, :, start:end],
                                          tier_pos[:, :, start:end], q_pos_there, scale, window, softcap)
-        outs.append(out.float())  # (merged in float32: one rounding to q's dtype, as a single run has)
-        lses.append(lse)
+        out = out.float()  # (merged in float32: one rounding to q's dtype, as a single run has)
+        # each run folded into the running result at once: two partials held, however many runs the tier has
+        merged = (out, lse) if merged is None else merge_parts_reference(torch.stack([merged[0], out]),
+                                                                          torch.stack([merged[1], lse]))
         for x in (tier_k, tier_v, tier_pos):
             release_mapped(x, start, end)
-    if len(outs) > 1:
-        out, lse = merge_parts_reference(torch.stack(outs), torch.stack(lses))
+    out, lse = merged
     return out.to(device=q.device, dtype=q.dtype), lse.to(q.device)
 
 
@@ -162,6 +196,7 @@ def tier_gather_reference(tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, inde
     ``pos [B, H_q, R]`` (-1 where ``index`` is -1), on ``index``'s device.
     """
     k, v, pos = _gathered(tier_k, tier_v, tier_pos, index.to(tier_k.device))
+    _release_all(tier_k, tier_v, tier_pos)
     return k.to(index.device), v.to(index.device), pos.to(index.device)
 
 
@@ -176,9 +211,13 @@ def _gathered(tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, idx: Tensor) -> 
     k = tier_k.reshape(b * hkv * n, d).index_select(0, flat).view(b, hq, r, d)
     v = tier_v.reshape(b * hkv * n, -1).index_select(0, flat).view(b, hq, r, tier_v.shape[-1])
     pos = tier_pos.reshape(-1).index_select(0, flat).view(b, hq, r).masked_fill(idx < 0, -1)
-    for x in (tier_k, tier_v, tier_pos):  # a disk tier: the pages read go back to the file
-        release_mapped(x, 0, n)
     return k, v, pos
+
+
+def _release_all(*tier: Tensor) -> None:
+    """A disk tier: the pages a step read go back to the file."""
+    for x in tier:
+        release_mapped(x, 0, x.shape[2])
 
 
 tier_gather = torch.library.custom_op("kvpass::tier_gather", mutates_args=())(tier_gather_reference)
@@ -191,23 +230,43 @@ def _(tier_k, tier_v, tier_pos, index):
             index.new_empty(b, hq, r, tier_v.shape[-1], dtype=tier_v.dtype), index.new_empty(b, hq, r))
 
 
+def _retrieved_part(q: Tensor, q_mean: Tensor, means: Tensor, starts: Tensor, lens: Tensor, skip: Tensor,
+                    tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, q_pos: Tensor, scale: float, slots: int,
+                    window: int, softcap: float) -> tuple[Tensor, Tensor]:
+    """What the tier's side computes for :func:`tier_attend_retrieved_reference` (every tensor there)."""
+    index = retrieval_index(q_mean, means, starts, lens, skip, slots)
+    k, v, pos = _gathered(tier_k, tier_v, tier_pos, index)
+    return attend_part_reference(q, k, v, pos, q_pos, scale, window, softcap)
+
+
+
+
 def tier_attend_retrieved_reference(q: Tensor, q_mean: Tensor, means: Tensor, starts: Tensor, lens: Tensor,
                                     skip: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, q_pos: Tensor,
-                                    scale: float, slots: int, window: int = 0,
-                                    softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+                                    scale: float, slots: int, window: int = 0, softcap: float = 0.0,
+                                    compiled: bool = False) -> tuple[Tensor, Tensor]:
     """SentenceKV's retrieval, selected and attended where the lower tier lives (``offload_attention``; InstInfer
     runs its sparse selection inside the storage too): the tier's side ranks its sentences by their abstracts
     (``means``, ``starts``, ``lens``, kept beside the tier) against the step's mean query ``q_mean`` as
     :func:`retrieval_index` does, attends ``q`` to the ``slots`` tokens per query head that ranking names, and
     returns only the partial output and its log-sum-exp (``[B, H_q, T, D_v]`` in q's dtype, ``[B, H_q, T]``
     float32, on q's device), as :func:`kvpass.ops.partial.attend_part_reference` over those tokens. A step moves
-    the queries (``q``, ``q_mean``) there and ``O(heads x head_dim)`` back: neither the KV nor a slot index."""
-    where = tier_k.device
-    index = retrieval_index(q_mean.to(where), means.to(where), starts.to(where), lens.to(where), skip.to(where),
-                            slots)
-    k, v, pos = _gathered(tier_k, tier_v, tier_pos, index)
-    out, lse = attend_part_reference(q.to(where), k, v, pos, q_pos.to(where), scale, window, softcap)
-    return out.to(q.device), lse.to(q.device)
+    the queries (``q``, ``q_mean``) there and ``O(heads x head_dim)`` back: neither the KV nor a slot index.
+
+    ``compiled``: the tier's side runs this arithmetic compiled by Inductor (a model compiled with Inductor asks for
+    it) instead of op by op; the eager arithmetic (``compiled=False``) defines the result."""
+    where, device = tier_k.device, q.device
+    if compiled:
+        with _tier_side():
+            out, lse = _compiled(_retrieved_part)(q.to(where), q_mean.to(where), means.to(where), starts.to(where),
+                                                  lens.to(where), skip.to(where), tier_k, tier_v, tier_pos,
+                                                  q_pos.to(where), scale, slots, window, softcap)
+    else:
+        out, lse = _retrieved_part(q.to(where), q_mean.to(where), means.to(where), starts.to(where), lens.to(where),
+                                   skip.to(where), tier_k, tier_v, tier_pos, q_pos.to(where), scale, slots, window,
+                                   softcap)
+    _release_all(tier_k, tier_v, tier_pos)
+    return out.to(device), lse.to(device)
 
 
 tier_attend_retrieved = torch.library.custom_op("kvpass::tier_attend_retrieved", mutates_args=())(
@@ -215,7 +274,8 @@ tier_attend_retrieved = torch.library.custom_op("kvpass::tier_attend_retrieved",
 
 
 @tier_attend_retrieved.register_fake
-def _(q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, scale, slots, window=0, softcap=0.0):
+def _(q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, scale, slots, window=0, softcap=0.0,
+      compiled=False):
     b, hq, t = q.shape[:3]
     return q.new_empty(b, hq, t, tier_v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32)
 
@@ -224,6 +284,6 @@ def _(q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, sca
 # lives)
 TIER_REFERENCES = {torch.ops.kvpass.evicted.default: evicted_reference}
 
-__all__ = ["TIER_REFERENCES", "evicted", "evicted_reference", "retrieval_index", "tier_attend",
+__all__ = ["TIER_REFERENCES", "evicted", "evicted_reference", "release_free_heap", "retrieval_index", "tier_attend",
            "tier_attend_reference", "tier_attend_retrieved", "tier_attend_retrieved_reference", "tier_gather",
            "tier_gather_reference"]

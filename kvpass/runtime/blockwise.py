@@ -23,6 +23,7 @@ import torch
 
 from kvpass.errors import OptionError
 from kvpass.ops.kv import gather_slots
+from kvpass.ops.tier import release_free_heap
 from kvpass.passes import LayerPlan
 from kvpass.passes.block_graph import BlockLayout, TokenInput, split_prompt
 from kvpass.policies import policy_from_spec
@@ -148,6 +149,7 @@ class BlockwiseRunner:
             for plan in self.plans:
                 k_index, v_index = self.store_outputs[plan.layer]
                 stores += [outs[k_index], outs[v_index]]
+            release_free_heap()  # (the block's freed temporaries leave the resident set: the next block's reuse them)
         outs = list(outs)
         for j, d in layout.token_outputs.items():
             whole = torch.cat(pieces[j], dim=d) if len(pieces[j]) > 1 else pieces[j][0]

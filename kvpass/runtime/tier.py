@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kvpass.ops.tier import release_mapped
+from kvpass.ops.tier import TIER_CHUNK, release_mapped
 
 # slots a lower tier is first allocated with (at least): a decode step then appends for a while before it grows
 _FIRST_SLOTS = 256
@@ -104,8 +104,11 @@ class LowerTier:
         old = self.k, self.v, self.pos
         grown = LowerTier.empty(self.kind, self.directory, self.k, self.v, slots)
         for new, was in zip((grown.k, grown.v, grown.pos), old, strict=True):
-            new[:, :, : self.used].copy_(was[:, :, : self.used])
-            release_mapped(new, 0, self.used)
+            for start in range(0, self.used, TIER_CHUNK):  # a disk tier: one run of either file's pages resident
+                end = min(self.used, start + TIER_CHUNK)
+                new[:, :, start:end].copy_(was[:, :, start:end])
+                release_mapped(new, start, end)
+                release_mapped(was, start, end)
         self.k, self.v, self.pos = grown.k, grown.v, grown.pos
 
 
