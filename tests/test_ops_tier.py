@@ -171,12 +171,6 @@ def test_retrieval_ranked_and_attended_where_the_tier_lives_is_the_gathered_retr
     want_out, want_lse = attend_part_reference(q, k, v, pos, q_pos, 0.3)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
-    # the tier's side compiled by Inductor (a model compiled with Inductor asks for it): the same result
-    for grown in (0, 7):  # (a longer tier: the compiled code takes it as a symbolic size)
-        tier = [torch.cat([x, x[:, :, :grown]], dim=2) for x in (tier_k, tier_v, tier_pos)]
-        compiled = tier_attend_retrieved_reference(*args[:6], *tier, *args[9:], compiled=True)
-        for got, want in zip(compiled, (out, lse), strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.library.opcheck(torch.ops.kvpass.tier_attend_retrieved.default, args)
     assert torch.ops.kvpass.tier_attend_retrieved.default not in REFERENCES  # runs where the tier lives
 

@@ -20,12 +20,9 @@ threads over host memory or the mapped files), whatever device the model runs on
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
 import os
 import sys
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -63,23 +60,6 @@ def release_mapped(x: Tensor, start: int, end: int) -> None:
         if _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
             raise OSError(ctypes.get_errno(), f"kvpass: madvise on a disk tier's pages failed: "
                           f"{os.strerror(ctypes.get_errno())}")
-
-
-@functools.cache
-def _compiled(fn: Callable) -> Callable:
-    """``fn`` (tier-side arithmetic) compiled by Inductor, once per process, its sizes symbolic; call it inside
-    :func:`_tier_side`."""
-    return torch.compile(fn, dynamic=True)
-
-
-def _tier_side() -> contextlib.ExitStack:
-    """The state compiled tier-side code runs in: the same dispatch state on every call, whichever path the op was
-    called by, and no size of a step's tensors taken for a size of the tier's (so its guards hold from step to step)."""
-    stack = contextlib.ExitStack()
-    for context in (torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView(),
-                    torch.fx.experimental._config.patch(use_duck_shape=False)):
-        stack.enter_context(context)
-    return stack
 
 
 def release_free_heap() -> None:
@@ -126,9 +106,8 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
     on the tier's device; used: 0-d int64, slots written; q_pos ``[B, T]`` the queries' positions. Returns
     ``(out [B, H_q, T, D_v] in q's dtype, lse [B, H_q, T] float32)`` on q's device, as
     :func:`kvpass.ops.partial.attend_part_reference` over those slots: attended in runs of ``TIER_CHUNK`` slots,
-    merged exactly, a disk tier's pages released after each run (its resident memory stays one run). Eager code even
-    where the model is compiled by Inductor: a decode step's runs are matrix products, which compiling did not make
-    faster here (unlike SentenceKV's ranking and gather, :func:`tier_attend_retrieved_reference`)."""
+    merged exactly, a disk tier's pages released after each run (its resident memory stays one run).
+    """
     n = int(used)
     if n == 0:  # nothing written, or a SentenceKV step that only retrieves: an empty part, weighed zero by the merge
         b, hq, t = q.shape[:3]
@@ -230,21 +209,10 @@ def _(tier_k, tier_v, tier_pos, index):
             index.new_empty(b, hq, r, tier_v.shape[-1], dtype=tier_v.dtype), index.new_empty(b, hq, r))
 
 
-def _retrieved_part(q: Tensor, q_mean: Tensor, means: Tensor, starts: Tensor, lens: Tensor, skip: Tensor,
-                    tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, q_pos: Tensor, scale: float, slots: int,
-                    window: int, softcap: float) -> tuple[Tensor, Tensor]:
-    """What the tier's side computes for :func:`tier_attend_retrieved_reference` (every tensor there)."""
-    index = retrieval_index(q_mean, means, starts, lens, skip, slots)
-    k, v, pos = _gathered(tier_k, tier_v, tier_pos, index)
-    return attend_part_reference(q, k, v, pos, q_pos, scale, window, softcap)
-
-
-
-
 def tier_attend_retrieved_reference(q: Tensor, q_mean: Tensor, means: Tensor, starts: Tensor, lens: Tensor,
                                     skip: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: Tensor, q_pos: Tensor,
-                                    scale: float, slots: int, window: int = 0, softcap: float = 0.0,
-                                    compiled: bool = False) -> tuple[Tensor, Tensor]:
+                                    scale: float, slots: int, window: int = 0,
+                                    softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """SentenceKV's retrieval, selected and attended where the lower tier lives (``offload_attention``; InstInfer
     runs its sparse selection inside the storage too): the tier's side ranks its sentences by their abstracts
     (``means``, ``starts``, ``lens``, kept beside the tier) against the step's mean query ``q_mean`` as
@@ -253,20 +221,15 @@ def tier_attend_retrieved_reference(q: Tensor, q_mean: Tensor, means: Tensor, st
     float32, on q's device), as :func:`kvpass.ops.partial.attend_part_reference` over those tokens. A step moves
     the queries (``q``, ``q_mean``) there and ``O(heads x head_dim)`` back: neither the KV nor a slot index.
 
-    ``compiled``: the tier's side runs this arithmetic compiled by Inductor (a model compiled with Inductor asks for
-    it) instead of op by op; the eager arithmetic (``compiled=False``) defines the result."""
-    where, device = tier_k.device, q.device
-    if compiled:
-        with _tier_side():
-            out, lse = _compiled(_retrieved_part)(q.to(where), q_mean.to(where), means.to(where), starts.to(where),
-                                                  lens.to(where), skip.to(where), tier_k, tier_v, tier_pos,
-                                                  q_pos.to(where), scale, slots, window, softcap)
-    else:
-        out, lse = _retrieved_part(q.to(where), q_mean.to(where), means.to(where), starts.to(where), lens.to(where),
-                                   skip.to(where), tier_k, tier_v, tier_pos, q_pos.to(where), scale, slots, window,
-                                   softcap)
+    Eager code even where the model is compiled by Inductor: compiling it with Inductor did not change the
+    decode step's time (BENCHMARKS.md, "SentenceKV")."""
+    where = tier_k.device
+    index = retrieval_index(q_mean.to(where), means.to(where), starts.to(where), lens.to(where), skip.to(where),
+                            slots)
+    k, v, pos = _gathered(tier_k, tier_v, tier_pos, index)
+    out, lse = attend_part_reference(q.to(where), k, v, pos, q_pos.to(where), scale, window, softcap)
     _release_all(tier_k, tier_v, tier_pos)
-    return out.to(device), lse.to(device)
+    return out.to(q.device), lse.to(q.device)
 
 
 tier_attend_retrieved = torch.library.custom_op("kvpass::tier_attend_retrieved", mutates_args=())(
@@ -274,8 +237,7 @@ tier_attend_retrieved = torch.library.custom_op("kvpass::tier_attend_retrieved",
 
 
 @tier_attend_retrieved.register_fake
-def _(q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, scale, slots, window=0, softcap=0.0,
-      compiled=False):
+def _(q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, scale, slots, window=0, softcap=0.0):
     b, hq, t = q.shape[:3]
     return q.new_empty(b, hq, t, tier_v.shape[-1]), q.new_empty(b, hq, t, dtype=torch.float32)
 

@@ -106,7 +106,6 @@ class SitePlan:
     semantic_policy: str = ""
     semantic: int = 0
     retrieve_in_place: bool = False  # option offload_attention: the retrieved tokens attended where the tier lives
-    tier_compiled: bool = False  # SentenceKV in place: the tier side's ranking and attention compiled by Inductor
 
     @property
     def attends_split(self) -> bool:
@@ -197,8 +196,7 @@ class SitePlan:
                    retrieval=options.policy.retrieval_slots(options.budget) if sentences else 0,
                    semantic_policy=options.policy.prefill_policy().spec() if sentences else "",
                    semantic=options.policy.semantic_budget(options.budget) if sentences else 0,
-                   retrieve_in_place=sentences and options.offload_attention,
-                   tier_compiled=options.compiler == "inductor")
+                   retrieve_in_place=sentences and options.offload_attention)
 
 
 @dataclasses.dataclass
@@ -541,7 +539,7 @@ class _Steps:
         if plan.retrieve_in_place:  # ranked and attended where the tier lives: the queries go, (output, lse) return
             part = g(torch.ops.kvpass.tier_attend_retrieved.default,
                      (site.q, q_mean, means, starts, lens, skip, tier_k, tier_v, tier_pos, q_pos, site.scale,
-                      plan.retrieval, site.window, softcap, plan.tier_compiled))
+                      plan.retrieval, site.window, softcap))
         else:  # the tier I/O: the retrieved tokens copied into the device's retrieval slots, attended there
             index = g(retrieval_index, (q_mean, means, starts, lens, skip, plan.retrieval))
             gathered = g(torch.ops.kvpass.tier_gather.default, (tier_k, tier_v, tier_pos, index))
