@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from kvpass.ops.kv import compact_ranks, evicted_indices, gather_slots
-from kvpass.ops.partial import attend_part_reference, merge_parts_reference
+from kvpass.ops.partial import attend_part_reference, merge_two
 
 # slots of the lower tier attended at a time where it lives: a disk tier's pages are released after each run of this
 # many, so the process never holds more than one run of them (and the [rows, slots] temporaries stay bounded)
@@ -122,8 +122,7 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
                                          tier_pos[:, :, start:end], q_pos_there, scale, window, softcap)
         out = out.float()  # (merged in float32: one rounding to q's dtype, as a single run has)
         # each run folded into the running result at once: two partials held, however many runs the tier has
-        merged = (out, lse) if merged is None else merge_parts_reference(torch.stack([merged[0], out]),
-                                                                          torch.stack([merged[1], lse]))
+        merged = (out, lse) if merged is None else merge_two(*merged, out, lse)
         for x in (tier_k, tier_v, tier_pos):
             release_mapped(x, start, end)
     out, lse = merged
