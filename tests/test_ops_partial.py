@@ -225,6 +225,46 @@ def test_long_queries_are_chunked(monkeypatch):
     assert_same_attention(out, lse, *full_attention(**case))
 
 
+FLASH_CASES = {  # name: (make_case kwargs, window)
+    "decode": (dict(t=1, c=40), 0),
+    "decode_gqa4": (dict(t=1, c=40, group=4, hkv=1), 0),
+    "block_padded": (dict(t=7, c=19), 0),
+    "prefill": (dict(t=10, c=0, max_pad=3), 0),
+    "decode_window": (dict(t=1, c=40), 8),
+    "block_window": (dict(t=6, c=30, group=3), 5),
+    "empty_store": (dict(t=6, c=5, p_dead=1.0), 0),
+    "bf16": (dict(t=3, c=14, dtype=torch.bfloat16), 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLASH_CASES))
+def test_flash_path_equals_the_reference(name, monkeypatch):
+    kwargs, window = FLASH_CASES[name]
+    monkeypatch.setattr(partial_ops, "_QUERY_CHUNK", 16)  # (and one case long enough for several chunks)
+    for seed in range(2):
+        case = make_case(seed, **kwargs) if seed == 0 else make_case(seed, **{**kwargs, "t": 40})
+        args = (case["q"], case["k"], case["v"], case["k_pos"], case["q_pos"], case["scale"], window)
+        want_out, want_lse = attend_part_reference(*args)
+        out, lse = partial_ops.attend_part_flash(*args)
+        assert out.dtype == case["q"].dtype and lse.dtype == torch.float32
+        assert torch.equal(lse == NEG_INF, want_lse == NEG_INF) and (out[lse == NEG_INF] == 0).all()
+        tol = 1e-2 if case["q"].dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(out, want_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_path_takes_the_reference_for_a_soft_cap_or_no_slot():
+    case = make_case(9, t=3, c=12)
+    args = (case["q"], case["k"], case["v"], case["k_pos"], case["q_pos"], case["scale"])
+    # a soft cap (window 0, cap 0.5): the fused kernel has none
+    torch.testing.assert_close(partial_ops.attend_part_flash(*args, 0, 0.5), attend_part_reference(*args, 0, 0.5),
+                               atol=0, rtol=0)
+    empty = (case["q"], case["k"][:, :, :0], case["v"][:, :, :0], case["k_pos"][:, :, :0], case["q_pos"],
+             case["scale"])
+    out, lse = partial_ops.attend_part_flash(*empty)
+    assert (out == 0).all() and (lse == NEG_INF).all()
+
+
 def test_half_precision_inputs_keep_their_dtype():
     case = make_case(6, t=3, c=14, dtype=torch.bfloat16)
     outs, lses = attend_parts(case, split_store(torch.Generator().manual_seed(6), case, 3, "interleaved"))

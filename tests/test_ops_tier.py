@@ -169,8 +169,9 @@ def test_retrieval_ranked_and_attended_where_the_tier_lives_is_the_gathered_retr
     k, v, pos = tier_gather_reference(tier_k, tier_v, tier_pos, retrieval_index(q_mean, means, starts, lens, skip,
                                                                                 slots))
     want_out, want_lse = attend_part_reference(q, k, v, pos, q_pos, 0.3)
-    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
-    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    # (the tier's side attends with the fused kernel: equal within float32 summation order)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-6, atol=1e-6)
     torch.library.opcheck(torch.ops.kvpass.tier_attend_retrieved.default, args)
     assert torch.ops.kvpass.tier_attend_retrieved.default not in REFERENCES  # runs where the tier lives
 

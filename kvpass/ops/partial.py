@@ -69,6 +69,48 @@ def attend_part_reference(
     return out, lse
 
 
+def attend_part_flash(
+    q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor, scale: float, window: int = 0,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`attend_part_reference`'s result from PyTorch's fused flash attention for CPU
+    (``aten::_scaled_dot_product_flash_attention_for_cpu``, which also returns the log-sum-exp): for eager code that
+    attends where a lower tier lives (:mod:`kvpass.ops.tier`), where the reference's separate logits, masking,
+    ``logsumexp``, ``exp`` and product each cost a pass over memory. Equal to the reference within float32
+    summation order (``tests/test_ops_partial.py``). The same chunks of queries as the reference bound the mask;
+    a logit soft cap, a part with no slot, or tensors off the CPU, take the reference."""
+    if softcap or q.device.type != "cpu" or k.device.type != "cpu" or k.shape[2] == 0:
+        return attend_part_reference(q, k, v, k_pos, q_pos, scale, window, softcap)
+    b, hq, t, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    dv = v.shape[-1]
+    group = hq // hkv
+    qg = q.view(b, hkv, group, t, d)
+    kf, vf = k.float(), v.float()
+    rows = max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // max(1, group * n)))
+    outs: list[Tensor] = []
+    lses: list[Tensor] = []
+    for start in range(0, t, rows):
+        stop = min(t, start + rows)
+        r = stop - start
+        visible = part_mask(k_pos, q_pos[:, start:stop], window)  # [B, H_kv, r, N]
+        # the query heads of a kv head folded into the query axis (no K/V copy), the mask repeated to match
+        mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, _NEG_INF)
+        mask = mask[:, :, None].expand(b, hkv, group, r, n).reshape(b, hkv, group * r, n)
+        qc = qg[:, :, :, start:stop].reshape(b, hkv, group * r, d).float()
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qc, kf, vf, 0.0, False,
+                                                                              attn_mask=mask, scale=scale)
+        # the kernel gives a row that sees nothing lse 0; the reference's contract is lse -inf and a zero output
+        seen = visible.any(dim=-1)[:, :, None].expand(b, hkv, group, r).reshape(b, hkv, group * r)
+        outs.append(torch.where(seen[..., None], out, 0.0).view(b, hkv, group, r, dv))
+        lses.append(torch.where(seen, lse, _NEG_INF).view(b, hkv, group, r))
+    if not outs:  # no queries
+        return q.new_zeros(b, hq, 0, dv), q.new_zeros(b, hq, 0, dtype=torch.float32)
+    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+    lse = torch.cat(lses, dim=3) if len(lses) > 1 else lses[0]
+    return out.reshape(b, hq, t, dv).to(q.dtype), lse.reshape(b, hq, t).contiguous()
+
+
 def attend_part_observed_reference(
     q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor, scale: float, policy: str, window: int = 0,
     softcap: float = 0.0,
@@ -209,6 +251,6 @@ PARTIAL_REFERENCES = {
     torch.ops.kvpass.attend_part_observed.default: attend_part_observed_reference,
 }
 
-__all__ = ["PARTIAL_REFERENCES", "attend_part", "attend_part_observed", "attend_part_observed_reference",
-           "attend_part_reference", "merge_parts", "merge_parts_reference", "merge_two", "merged_observation",
-           "part_mask", "sink_lse"]
+__all__ = ["PARTIAL_REFERENCES", "attend_part", "attend_part_flash", "attend_part_observed",
+           "attend_part_observed_reference", "attend_part_reference", "merge_parts", "merge_parts_reference",
+           "merge_two", "merged_observation", "part_mask", "sink_lse"]

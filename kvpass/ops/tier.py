@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from kvpass.ops.kv import compact_ranks, evicted_indices, gather_slots
-from kvpass.ops.partial import attend_part_reference, merge_two
+from kvpass.ops.partial import attend_part_flash, merge_two
 
 # slots of the lower tier attended at a time where it lives: a disk tier's pages are released after each run of this
 # many, so the process never holds more than one run of them (and the [rows, slots] temporaries stay bounded)
@@ -105,7 +105,8 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
     q ``[B, H_q, T, D]`` (any device); tier_k/tier_v ``[B, H_kv, L, D]``, tier_pos ``[B, H_kv, L]`` (-1: empty),
     on the tier's device; used: 0-d int64, slots written; q_pos ``[B, T]`` the queries' positions. Returns
     ``(out [B, H_q, T, D_v] in q's dtype, lse [B, H_q, T] float32)`` on q's device, as
-    :func:`kvpass.ops.partial.attend_part_reference` over those slots: attended in runs of ``TIER_CHUNK`` slots,
+    :func:`kvpass.ops.partial.attend_part_reference` over those slots (computed by the fused
+    :func:`kvpass.ops.partial.attend_part_flash`): attended in runs of ``TIER_CHUNK`` slots,
     merged exactly, a disk tier's pages released after each run (its resident memory stays one run).
     """
     n = int(used)
@@ -118,8 +119,8 @@ def tier_attend_reference(q: Tensor, tier_k: Tensor, tier_v: Tensor, tier_pos: T
     merged = None
     for start in range(0, n, TIER_CHUNK):  # (runs of slots: a disk tier's pages released after each)
         end = min(n, start + TIER_CHUNK)
-        out, lse = attend_part_reference(q_there, tier_k[:, :, start:end], tier_v[:, :, start:end],
-                                         tier_pos[:, :, start:end], q_pos_there, scale, window, softcap)
+        out, lse = attend_part_flash(q_there, tier_k[:, :, start:end], tier_v[:, :, start:end],
+                                     tier_pos[:, :, start:end], q_pos_there, scale, window, softcap)
         out = out.float()  # (merged in float32: one rounding to q's dtype, as a single run has)
         # each run folded into the running result at once: two partials held, however many runs the tier has
         merged = (out, lse) if merged is None else merge_two(*merged, out, lse)
@@ -148,19 +149,21 @@ def retrieval_index(q_mean: Tensor, means: Tensor, starts: Tensor, lens: Tensor,
     the raw dot product of their abstract with ``q_mean``, highest first, their tokens concatenated in that order
     and cut at ``slots``. Returns ``[B, H_q, slots]`` int64 tier slots, ``-1`` where fewer tokens qualify.
     """
-    b, hq, _ = q_mean.shape
-    group = hq // means.shape[1]
-    if group > 1:
-        means, starts, lens = (x.repeat_interleave(group, dim=1) for x in (means, starts, lens))
-    scores = torch.einsum("bhd,bhsd->bhs", q_mean.float(), means.float())
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    lens, starts = lens.gather(2, order), starts.gather(2, order)
-    ends = lens.cumsum(dim=-1)                                               # [B, H_q, S] tokens up to each
-    r = torch.arange(slots, device=q_mean.device).expand(b, hq, slots).contiguous()
-    which = torch.searchsorted(ends, r, right=True)                          # the sentence rank holding token r
-    found = (which < ends.shape[-1]) & ~skip.view(b, 1, 1)
-    which = which.clamp(max=ends.shape[-1] - 1)
-    slot = starts.gather(2, which) + r - (ends.gather(2, which) - lens.gather(2, which))
+    b, hq, d = q_mean.shape
+    hkv, s = means.shape[1], means.shape[2]
+    group = hq // hkv
+    # each query head's scores against its kv head's abstracts (the abstracts not copied per query head)
+    scores = (q_mean.float().view(b, hkv, group, d) @ means.float().transpose(-1, -2)).view(b, hq, s)
+    order = scores.argsort(dim=-1, descending=True, stable=True).view(b, hkv, group, s)
+    lens, starts = (x[:, :, None].expand(b, hkv, group, s).gather(3, order).view(b, hq, s) for x in (lens, starts))
+    ends = lens.cumsum(dim=-1)                                               # [B, H_q, S] tokens up to each rank
+    # token r's sentence rank: how many ranked sentences end at or before r (ends past the cut count nowhere)
+    ended = torch.zeros(b, hq, slots + 1, dtype=ends.dtype, device=ends.device)
+    which = ended.scatter_add_(2, ends.clamp(max=slots), torch.ones_like(ends))[:, :, :slots].cumsum(dim=-1)
+    found = (which < s) & ~skip.view(b, 1, 1)
+    first = starts - (ends - lens)                                           # token r of rank i: slot first[i] + r
+    r = torch.arange(slots, device=q_mean.device)
+    slot = first.gather(2, which.clamp(max=s - 1)) + r
     return torch.where(found, slot, -1)
 
 
@@ -217,7 +220,8 @@ def tier_attend_retrieved_reference(q: Tensor, q_mean: Tensor, means: Tensor, st
     (``means``, ``starts``, ``lens``, kept beside the tier) against the step's mean query ``q_mean`` as
     :func:`retrieval_index` does, attends ``q`` to the ``slots`` tokens per query head that ranking names, and
     returns only the partial output and its log-sum-exp (``[B, H_q, T, D_v]`` in q's dtype, ``[B, H_q, T]``
-    float32, on q's device), as :func:`kvpass.ops.partial.attend_part_reference` over those tokens. A step moves
+    float32, on q's device), as :func:`kvpass.ops.partial.attend_part_reference` over those tokens (computed by
+    the fused :func:`kvpass.ops.partial.attend_part_flash`). A step moves
     the queries (``q``, ``q_mean``) there and ``O(heads x head_dim)`` back: neither the KV nor a slot index.
 
     Eager code even where the model is compiled by Inductor: compiling it with Inductor did not change the
@@ -226,7 +230,7 @@ def tier_attend_retrieved_reference(q: Tensor, q_mean: Tensor, means: Tensor, st
     index = retrieval_index(q_mean.to(where), means.to(where), starts.to(where), lens.to(where), skip.to(where),
                             slots)
     k, v, pos = _gathered(tier_k, tier_v, tier_pos, index)
-    out, lse = attend_part_reference(q.to(where), k, v, pos, q_pos.to(where), scale, window, softcap)
+    out, lse = attend_part_flash(q.to(where), k, v, pos, q_pos.to(where), scale, window, softcap)
     _release_all(tier_k, tier_v, tier_pos)
     return out.to(q.device), lse.to(q.device)
 
