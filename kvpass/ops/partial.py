@@ -69,6 +69,12 @@ def attend_part_reference(
     return out, lse
 
 
+def _rows_per_chunk(group: int, n) -> int:
+    """Queries attended at a time over ``n`` slots with ``group`` query heads per kv head: the ``[rows, N]``
+    temporaries stay near ``_CHUNK_ELEMENTS`` (a symbolic ``n``, while tracing: ``_QUERY_CHUNK``)."""
+    return max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // max(1, group * n))) if isinstance(n, int) else _QUERY_CHUNK
+
+
 def attend_part_flash(
     q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor, scale: float, window: int = 0,
     softcap: float = 0.0,
@@ -87,7 +93,7 @@ def attend_part_flash(
     group = hq // hkv
     qg = q.view(b, hkv, group, t, d)
     kf, vf = k.float(), v.float()
-    rows = max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // max(1, group * n)))
+    rows = _rows_per_chunk(group, n)
     outs: list[Tensor] = []
     lses: list[Tensor] = []
     for start in range(0, t, rows):
@@ -131,7 +137,7 @@ def _attend_part(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor, 
     # GQA without copying K/V: fold each group of query heads into the query axis (as kv.attend_reference does)
     qg = q.view(b, hkv, group, t, d)
     kf, vf = k.float(), v.float()
-    rows = max(16, min(_QUERY_CHUNK, _CHUNK_ELEMENTS // max(1, group * n))) if isinstance(n, int) else _QUERY_CHUNK
+    rows = _rows_per_chunk(group, n)
     first_obs = t - n_obs
     # chunks never straddle first_obs, so the observed rows are whole chunks
     bounds = [*range(0, first_obs, rows), *range(first_obs, t, rows), t] if t else []
